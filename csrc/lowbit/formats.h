@@ -1,0 +1,92 @@
+// lowbit storage formats: the one canonical byte layout of every quantized
+// array, independent of SIMD width and identical on every Highway target.
+// python/lowbit/reference.py mirrors this file; the on-disk format (issue 6/6)
+// is this layout plus a header.
+//
+// ---------------------------------------------------------------------------
+// Logical view
+//   A quantized array has a float shape [..., K]. It is treated as R = prod(...)
+//   rows of K elements ("rows" are output channels for a weight [N, K]).
+//   Elements are split into groups of G consecutive elements along K:
+//     per row    : G = K        -> R scales
+//     per group  : G divides K  -> R * (K / G) scales, row-major [R, K / G]
+//     per tensor : one scale for the whole array
+//
+// Codes
+//   symmetric  (b bits): signed code q in [-2^(b-1), 2^(b-1) - 1];
+//                        value = q * scale
+//   asymmetric (b bits): unsigned code q in [0, 2^b - 1] with an integer zero
+//                        point zp in [0, 2^b - 1] per group;
+//                        value = (q - zp) * scale
+//   (this is the integer-zero-point form of torch.ao / torch.fake_quantize_*,
+//    not the float-zero form of torch's int4 GEMM kernels.)
+//
+// Packed codes: uint8 array [R, row_bytes], row_bytes = ceil(K * b / 8).
+//   Each row starts on a byte boundary; unused high bits of a row's last byte
+//   are zero. A code is stored as its low b bits (two's complement for
+//   symmetric codes, plain binary for asymmetric ones).
+//   b = 8: byte k is element k.
+//   b = 4: byte j holds element 2j in bits 0..3 and element 2j+1 in bits 4..7.
+//          (low nibble = even index; same order as the float data, no
+//           interleave.)
+//   b = 2: byte j holds elements 4j, 4j+1, 4j+2, 4j+3 in bits 0..1, 2..3,
+//          4..5, 6..7.
+//   Example, b = 4, symmetric, codes [-8, 7, 1]: bytes [0x78, 0x01].
+//
+// Scales: float32, little endian, [R, K / G] (or [1] per tensor).
+//   Zero points (asymmetric only): uint8, same shape as the scales.
+//   bits_per_weight = b + 32 / G (+ 8 / G with zero points).
+//
+// ---------------------------------------------------------------------------
+// Scale rules (computed when the caller gives no scales)
+//   Statistics ignore +-inf (they saturate to the end codes) and include 0:
+//     lo = min(0, min finite x), hi = max(0, max finite x).
+//   symmetric: m = (-lo >= hi) ? lo : hi   (the signed value of largest
+//              magnitude; a tie prefers the negative one), then
+//              scale = m / -(2^(b-1)). m maps to code -2^(b-1), so all 2^b levels
+//              are used (llama.cpp Q4_0 style). The scale is negative when the
+//              largest-magnitude value is positive.
+//   asymmetric: scale = float((double(hi) - double(lo)) / (2^b - 1)),
+//              zp = clamp(-nearbyint(lo * (1.0f / scale)), 0, 2^b - 1).
+//   Degenerate groups: |scale| < FLT_MIN (all zeros, or only values too tiny to
+//   represent) store scale 0 (and zp 0); every code is 0 and dequantizes to 0.
+//
+// Quantization of one element (float32 math, same on every target):
+//   inv = 1.0f / scale                      (reciprocal, as torch does)
+//   v   = clamp(x * inv, qmin - zp, qmax - zp)
+//   q   = nearbyint(v) + zp                 (round half to even)
+//   Clamping before rounding equals clamping after (the bounds are integers)
+//   and keeps +-inf from overflowing the integer conversion.
+//   NaN input is an error (the kernels report it, Python raises ValueError).
+//
+// ---------------------------------------------------------------------------
+// Float formats (conversions in convert.cc; all round to nearest even)
+//   float16  IEEE binary16: overflow -> inf, NaN -> quiet NaN 0x7E00|sign.
+//   bfloat16 top 16 bits of float32, rounded: overflow -> inf,
+//            NaN -> 0x7FC0|sign.
+//   fp8 e4m3 ("e4m3fn"): bias 7, no inf, NaN = 0x7F|sign, max 448.
+//   fp8 e5m2: bias 15, IEEE-like with inf 0x7C and NaN 0x7E, max 57344.
+//   fp8 conversions saturate by default: finite overflow and +-inf give +-max
+//   (OCP "satfinite"); without saturation e4m3 overflow gives NaN and e5m2
+//   overflow gives inf.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lowbit {
+
+// Input / output element types crossing the Python boundary.
+enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// fp8 flavours.
+enum class Fp8Kind : int { kE4M3 = 0, kE5M2 = 1 };
+
+inline size_t PackedRowBytes(size_t k, int bits) { return (k * size_t(bits) + 7) / 8; }
+
+inline int QMin(int bits, bool symmetric) { return symmetric ? -(1 << (bits - 1)) : 0; }
+inline int QMax(int bits, bool symmetric) {
+  return symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,77 @@
+// Plain C++ entry points of the Highway kernels. Callers (bindings.cc) have
+// validated shapes and pointers; the kernels still throw std::invalid_argument
+// on inconsistent arguments rather than aborting, and never read or write out
+// of the ranges described here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lowbit/formats.h"
+
+namespace lowbit {
+
+// Describes one quantization: see formats.h for the meaning of every field.
+struct QuantSpec {
+  int bits = 8;            // 2, 4 or 8
+  bool symmetric = true;
+  size_t group = 0;        // elements per group along K (divides K)
+  bool per_tensor = false; // one scale/zp for everything (group ignored)
+};
+
+// Finite min/max of rows x[r * row_stride + k], k < K, including 0 (formats.h).
+// Returns false if any element is NaN.
+bool RangeStats(const void* x, DType dtype, size_t rows, size_t k, size_t row_stride,
+                float* lo, float* hi);
+
+// Scale (and zero point) for a group whose range is [lo, hi] (formats.h).
+void ChooseScale(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zp);
+
+// Quantizes rows x [rows, K] (row_stride elements apart) into packed codes
+// [rows, packed_stride] bytes. When scales_given, scales/zps are read,
+// otherwise they are computed and written. Scale index: per_tensor ? 0 :
+// r * (K / group) + k / group. zps may be null for symmetric specs.
+// Returns false (after writing everything) if x held a NaN.
+bool QuantizeRows(const void* x, DType dtype, size_t rows, size_t k, size_t row_stride,
+                  const QuantSpec& spec, bool scales_given, float* scales, uint8_t* zps,
+                  uint8_t* packed, size_t packed_stride);
+
+// Inverse of QuantizeRows: out [rows, K] (out_stride elements apart) in dtype.
+void DequantizeRows(const uint8_t* packed, size_t packed_stride, size_t rows, size_t k,
+                    const QuantSpec& spec, const float* scales, const uint8_t* zps, void* out,
+                    DType out_dtype, size_t out_stride);
+
+// Unpacks codes to int8 (symmetric) or uint8 (asymmetric) bytes, [rows, K].
+void UnpackCodes(const uint8_t* packed, size_t packed_stride, size_t rows, size_t k, int bits,
+                 bool symmetric, uint8_t* codes);
+
+// Float conversions (formats.h); n elements, contiguous.
+void F32ToF16(const float* in, uint16_t* out, size_t n);
+void F16ToF32(const uint16_t* in, float* out, size_t n);
+void F32ToBF16(const float* in, uint16_t* out, size_t n);
+void BF16ToF32(const uint16_t* in, float* out, size_t n);
+void F32ToFp8(const float* in, uint8_t* out, size_t n, Fp8Kind kind, bool saturate);
+void Fp8ToF32(const uint8_t* in, float* out, size_t n, Fp8Kind kind);
+
+// Fake quantization of x viewed as [outer, channels, inner], with one scale and
+// zero point per channel (channels = 1: per tensor; inner = G: per group):
+//   r = nearbyint(x * (1.0f / scale)), out = (clamp(r + zp, qmin, qmax) - zp) * scale,
+//   mask = qmin <= r + zp <= qmax  (the straight-through-estimator mask).
+// mask may be null. Returns false if x held a NaN.
+bool FakeQuantForward(const float* x, size_t outer, size_t channels, size_t inner,
+                      const float* scales, const int32_t* zps, int qmin, int qmax, float* out,
+                      uint8_t* mask);
+// dx = mask(x) ? dy : 0 with the mask above.
+void FakeQuantBackward(const float* x, const float* dy, size_t outer, size_t channels,
+                       size_t inner, const float* scales, const int32_t* zps, int qmin, int qmax,
+                       float* dx);
+
+// Highway targets compiled into this module (bit masks and names), the one
+// dispatch picks now, and a test hook restricting dispatch (0 = no limit).
+std::vector<std::pair<int64_t, std::string>> CompiledTargets();
+int64_t DispatchedTarget();
+void RestrictTargets(int64_t mask);
+
+}  // namespace lowbit

@@ -1,0 +1,128 @@
+#include "lowbit/parallel.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+namespace lowbit {
+namespace {
+
+int DefaultThreads() {
+  // Respect the affinity mask (taskset, cgroups) rather than the machine size.
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class Pool {
+ public:
+  explicit Pool(int threads) : threads_(threads) {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return threads_; }
+
+  // Thread t runs chunk t of [0, n).
+  void Run(size_t n, const std::function<void(size_t, size_t)>& body) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      body_ = &body;
+      n_ = n;
+      pending_ = threads_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    RunChunk(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    body_ = nullptr;
+  }
+
+ private:
+  void RunChunk(int t) {
+    const size_t per = (n_ + threads_ - 1) / threads_;
+    const size_t begin = std::min(n_, per * t), end = std::min(n_, begin + per);
+    if (begin < end) (*body_)(begin, end);
+  }
+  void WorkerLoop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      RunChunk(t);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --pending_;
+      }
+      done_.notify_one();
+    }
+  }
+
+  const int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(size_t, size_t)>* body_ = nullptr;
+  size_t n_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+std::mutex g_pool_mu;  // held by whoever runs a job on the pool
+std::unique_ptr<Pool> g_pool;
+int g_threads = 0;     // 0: not chosen yet
+
+}  // namespace
+
+int NumThreads() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (g_threads == 0) g_threads = DefaultThreads();
+  return g_threads;
+}
+
+void SetNumThreads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_threads = n;
+  g_pool.reset();  // recreated lazily with the new size
+}
+
+void ParallelFor(size_t n, size_t min_chunk, const std::function<void(size_t, size_t)>& body) {
+  if (n == 0) return;
+  std::unique_lock<std::mutex> lock(g_pool_mu, std::try_to_lock);
+  if (!lock.owns_lock()) {  // another caller has the pool: stay on this thread
+    body(0, n);
+    return;
+  }
+  if (g_threads == 0) g_threads = DefaultThreads();
+  const size_t useful = std::max<size_t>(1, n / std::max<size_t>(1, min_chunk));
+  if (g_threads == 1 || useful == 1) {
+    body(0, n);
+    return;
+  }
+  if (!g_pool || g_pool->threads() != g_threads) {
+    g_pool.reset();
+    g_pool.reset(new Pool(g_threads));
+  }
+  g_pool->Run(n, body);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,213 @@
+"""The NumPy API: QArray, quantize_array, dequantize_array (needs only NumPy)."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from . import _C
+from ._dtypes import FLAG_OF, dtype_name, float_input, rows_view
+
+SUPPORTED_BITS = (2, 4, 8)
+GroupSize = Union[None, int, str]
+
+
+@dataclass(frozen=True, eq=False)
+class QArray:
+    """A quantized array: packed codes plus scales (and zero points).
+
+    Layout (``csrc/lowbit/formats.h``): ``packed`` is uint8 [R, ceil(K*bits/8)]
+    for the R = prod(shape[:-1]) rows of K = shape[-1] elements; ``scales`` is
+    float32 [R, K // group] (per group), [R, 1] (per row) or [1] (per tensor);
+    ``zero_points`` is uint8 of the same shape for asymmetric arrays, else None.
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: Optional[np.ndarray]
+    shape: tuple
+    bits: int
+    group_size: GroupSize  # None: per row; int: per group; "tensor": one scale
+    symmetric: bool
+    dtype: str = "float32"  # the float dtype that was quantized
+
+    @property
+    def size(self) -> int:
+        """Number of quantized elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scales + zero points."""
+        n = self.packed.nbytes + self.scales.nbytes
+        return n + (self.zero_points.nbytes if self.zero_points is not None else 0)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per element, scales (float32) and zero points included."""
+        return 8.0 * self.nbytes / self.size
+
+    def codes(self) -> np.ndarray:
+        """The integer codes, unpacked, shaped like the original array
+        (int8 when symmetric, uint8 otherwise)."""
+        k = self.shape[-1]
+        out = np.empty((self.packed.shape[0], k), np.int8 if self.symmetric else np.uint8)
+        _C.unpack_codes(self.packed, k, self.bits, self.symmetric, out)
+        return out.reshape(self.shape)
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        """Same as ``lowbit.dequantize_array(self, dtype)``."""
+        return dequantize_array(self, dtype)
+
+    def __repr__(self) -> str:
+        g = {None: "per-row", "tensor": "per-tensor"}.get(self.group_size, f"group {self.group_size}")
+        kind = "sym" if self.symmetric else "asym"
+        return (f"QArray(shape={self.shape}, int{self.bits} {kind}, {g}, "
+                f"{self.bits_per_weight:.3f} bits/weight, {self.nbytes} bytes)")
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int in {SUPPORTED_BITS}, got {bits!r}")
+    if int(bits) not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return int(bits)
+
+
+def _check_group(group_size, k: int) -> GroupSize:
+    if group_size is None or group_size == "tensor":
+        return group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"group_size must be None, a positive int or 'tensor', got {group_size!r}")
+    g = int(group_size)
+    if g <= 0:
+        raise ValueError(f"group_size must be positive, got {g}")
+    if k % g != 0:
+        raise ValueError(f"group_size {g} does not divide the last axis K={k}")
+    return g
+
+
+def _scale_shape(rows: int, k: int, group_size: GroupSize) -> tuple:
+    if group_size == "tensor":
+        return (1,)
+    return (rows, k // (k if group_size is None else group_size))
+
+
+def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
+                   scale=None, zero_point=None, input_dtype=None) -> QArray:
+    """Quantize a float array along its last axis.
+
+    Args:
+      x: float32, float16 or bfloat16 array [..., K] (bfloat16 as an ml_dtypes
+        array, or a uint16 view with ``input_dtype="bfloat16"``).
+      bits: 2, 4 or 8.
+      group_size: None = one scale per row (output channel); an int G dividing K =
+        one scale per G consecutive elements; "tensor" = one scale in all.
+      symmetric: signed codes and scale only (default; the largest-magnitude value
+        maps to -2^(bits-1) so all 2^bits levels are used), or unsigned codes with a
+        zero point (min-max).
+      scale, zero_point: use these instead of computing them; shaped like
+        ``QArray.scales`` (broadcastable scalars allowed). Scales must be finite and
+        > 0; zero points integers in [0, 2^bits - 1].
+
+    NaN in x raises ValueError; +-inf saturates to the end codes.
+
+    >>> import numpy as np, lowbit
+    >>> w = np.array([[0.5, -1.0, 0.25, 0.0]], np.float32)
+    >>> q = lowbit.quantize_array(w, bits=4)
+    >>> q.codes().tolist(), q.scales.tolist()
+    ([[4, -8, 2, 0]], [[0.125]])
+    >>> lowbit.dequantize_array(q).tolist()
+    [[0.5, -1.0, 0.25, 0.0]]
+    """
+    bits = _check_bits(bits)
+    if not isinstance(symmetric, (bool, np.bool_)):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    symmetric = bool(symmetric)
+    arr, dname = float_input(x, "x", input_dtype)
+    if arr.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    if arr.size == 0:
+        raise ValueError(f"x must not be empty, got shape {arr.shape}")
+    shape = tuple(arr.shape)
+    k = shape[-1]
+    group_size = _check_group(group_size, k)
+    x2 = rows_view(arr)
+    rows = x2.shape[0]
+    sshape = _scale_shape(rows, k, group_size)
+    given = scale is not None
+    if given:
+        scales = _given_scales(scale, sshape)
+        zps = None if symmetric else _given_zero_points(zero_point, sshape, bits)
+    else:
+        if zero_point is not None:
+            raise ValueError("zero_point given without scale")
+        scales = np.empty(sshape, np.float32)
+        zps = None if symmetric else np.empty(sshape, np.uint8)
+    packed = np.empty((rows, (k * bits + 7) // 8), np.uint8)
+    group = k if group_size in (None, "tensor") else group_size
+    ok = _C.quantize_rows(x2, FLAG_OF[dname], bits, group, symmetric, group_size == "tensor", given,
+                          scales.reshape(-1), None if zps is None else zps.reshape(-1), packed)
+    if not ok:
+        raise ValueError("x contains NaN")
+    return QArray(packed, scales, zps, shape, bits, group_size, symmetric, dname)
+
+
+def _given_scales(scale, sshape) -> np.ndarray:
+    s = np.asarray(scale)
+    if s.dtype.kind not in "fiu":
+        raise TypeError(f"scale must be a float array, got dtype {s.dtype}")
+    try:
+        s = np.ascontiguousarray(np.broadcast_to(s.astype(np.float32), sshape))
+    except ValueError:
+        raise ValueError(f"scale must have shape {sshape} (or broadcast to it), got {np.shape(scale)}") from None
+    if not np.all(np.isfinite(s)) or not np.all(s > 0):
+        raise ValueError("scale must be finite and > 0")
+    return s
+
+
+def _given_zero_points(zero_point, sshape, bits) -> np.ndarray:
+    if zero_point is None:
+        raise ValueError("zero_point is required with scale when symmetric=False")
+    z = np.asarray(zero_point)
+    if z.dtype.kind not in "iu":
+        raise TypeError(f"zero_point must hold integers, got dtype {z.dtype}")
+    try:
+        z = np.broadcast_to(z, sshape)
+    except ValueError:
+        raise ValueError(f"zero_point must have shape {sshape}, got {np.shape(zero_point)}") from None
+    if z.min() < 0 or z.max() > (1 << bits) - 1:
+        raise ValueError(f"zero_point must lie in [0, {(1 << bits) - 1}]")
+    return np.ascontiguousarray(z.astype(np.uint8))
+
+
+def dequantize_array(q: QArray, dtype=np.float32) -> np.ndarray:
+    """Float values of a QArray: (code - zero_point) * scale, shaped like the original.
+
+    dtype: float32 (default), float16, or "bfloat16" (returned as a uint16 view
+    holding bfloat16 bits, or an ml_dtypes bfloat16 array when that is installed).
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"q must be a QArray, got {type(q).__name__}")
+    dname = dtype_name(dtype)
+    k = q.shape[-1]
+    rows = q.packed.shape[0]
+    out = np.empty((rows, k), {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dname])
+    group = k if q.group_size in (None, "tensor") else q.group_size
+    _C.dequantize_rows(q.packed, k, q.bits, group, q.symmetric, q.group_size == "tensor",
+                       q.scales.reshape(-1), None if q.zero_points is None else q.zero_points.reshape(-1),
+                       out, FLAG_OF[dname])
+    out = out.reshape(q.shape)
+    if dname == "bfloat16" and not isinstance(dtype, str):
+        return out.view(dtype)  # e.g. ml_dtypes.bfloat16
+    return out
+
+
+def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of y against x, in dB."""
+    x = np.asarray(x, np.float64)
+    noise = np.sum((x - np.asarray(y, np.float64)) ** 2)
+    return math.inf if noise == 0 else 10.0 * math.log10(np.sum(x ** 2) / noise)

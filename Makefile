@@ -34,18 +34,21 @@ setup: $(VENV)/.built
 demo: setup
 	$(VPY) -m lowbit.cli demo
 
+# The suite, then the kernel tests again under ASan + UBSan (~1 min; CI runs both).
 test: setup
 	$(VPY) -m pytest -q
+	$(MAKE) --no-print-directory test-asan
 
 # Kernels under AddressSanitizer + UBSan: a separate build, run from build-asan/pkg.
-ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
+# libstdc++ is preloaded too: ASan must see __cxa_throw at start-up to intercept it.
+ASAN_LIB = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so.6)
 test-asan: $(VENV)/.deps
 	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DLOWBIT_SANITIZE=ON \
 	  -DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
 	cmake --build build-asan
 	rm -rf build-asan/pkg && mkdir -p build-asan/pkg && cp -r python/lowbit build-asan/pkg/ && \
 	  cp build-asan/_C*.so build-asan/pkg/lowbit/
-	cd build-asan && LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	cd build-asan && LD_PRELOAD="$(ASAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath build-asan/pkg) \
 	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests)/test_kernels.py \
 	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py

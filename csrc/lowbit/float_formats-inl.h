@@ -183,6 +183,19 @@ HWY_INLINE void ForEachVector(const TIn* in, TOut* out, size_t n, const Body& bo
   }
 }
 
+// Read-only variant for reductions: body(in) per vector, zero-padded tail.
+template <size_t kLanes, typename TIn, class Body>
+HWY_INLINE void ForEachVectorIn(const TIn* in, size_t n, const Body& body) {
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) body(in + i);
+  if (i < n) {
+    alignas(64) TIn in_buf[kLanes];
+    std::memset(static_cast<void*>(in_buf), 0, sizeof(in_buf));
+    std::memcpy(static_cast<void*>(in_buf), in + i, (n - i) * sizeof(TIn));
+    body(in_buf);
+  }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace lowbit
 HWY_AFTER_NAMESPACE();

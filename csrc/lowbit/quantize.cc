@@ -52,8 +52,7 @@ bool GroupRange(const T* x, size_t n, float* lo, float* hi) {
     fold(LoadAsF32(df, x + i), lo0, hi0);
     fold(LoadAsF32(df, x + i + kF32Lanes), lo1, hi1);
   }
-  uint8_t unused[kF32Lanes];
-  ForEachVector<kF32Lanes>(x + i, unused, n - i, [&](const T* p, uint8_t*) {
+  ForEachVectorIn<kF32Lanes>(x + i, n - i, [&](const T* p) {
     fold(LoadAsF32(df, p), lo0, hi0);  // zero padding cannot move a bound past 0
   });
   *lo = hn::GetLane(hn::MinOfLanes(df, hn::Min(lo0, lo1)));

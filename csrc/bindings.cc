@@ -184,12 +184,11 @@ py::tuple RangeStats(const py::array& x, int dtype_flag) {
   const DType dtype = ToDType(dtype_flag);
   const size_t stride = CheckRows(x, "x", KindOf(dtype), false);
   float lo = 0, hi = 0;
-  bool ok;
   {
     py::gil_scoped_release release;
-    ok = lowbit::RangeStats(x.data(), dtype, x.shape(0), x.shape(1), stride, &lo, &hi);
+    lowbit::RangeStats(x.data(), dtype, x.shape(0), x.shape(1), stride, &lo, &hi);
   }
-  return py::make_tuple(lo, hi, ok);
+  return py::make_tuple(lo, hi);
 }
 
 template <typename In, typename Out, class Fn>
@@ -293,7 +292,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack_codes", &UnpackCodes, py::arg("packed"), py::arg("k"), py::arg("bits"),
         py::arg("symmetric"), py::arg("codes").noconvert());
   m.def("range_stats", &RangeStats, py::arg("x"), py::arg("dtype"),
-        "(lo, hi, ok): finite min/max folded with 0; ok is False if x held NaN.");
+        "(lo, hi): finite min/max folded with 0 (NaN counts as 0).");
   m.def("choose_scale", [](float lo, float hi, int bits, bool symmetric) {
     float s;
     int32_t z;

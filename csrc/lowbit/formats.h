@@ -71,6 +71,8 @@
 //   overflow gives inf.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -87,6 +89,30 @@ inline size_t PackedRowBytes(size_t k, int bits) { return (k * size_t(bits) + 7)
 inline int QMin(int bits, bool symmetric) { return symmetric ? -(1 << (bits - 1)) : 0; }
 inline int QMax(int bits, bool symmetric) {
   return symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+}
+
+// The scale rules above, for a group whose range is [lo, hi]. Inline so that
+// every kernel target gets the same scalar code (no FMA: nothing to contract).
+inline void ChooseScale(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zp) {
+  float s;
+  int32_t z = 0;
+  if (symmetric) {
+    const float m = (-lo >= hi) ? lo : hi;  // signed value of largest magnitude
+    s = m / -static_cast<float>(1 << (bits - 1));  // power of two: exact
+  } else {
+    const int qmax = QMax(bits, false);
+    s = static_cast<float>((static_cast<double>(hi) - static_cast<double>(lo)) / qmax);
+    if (std::fabs(s) >= FLT_MIN) {
+      const float zf = std::nearbyint(-(lo * (1.0f / s)));
+      z = static_cast<int32_t>(std::fmin(std::fmax(zf, 0.0f), static_cast<float>(qmax)));
+    }
+  }
+  if (!(std::fabs(s) >= FLT_MIN)) {  // all zeros, or too tiny for 1/scale to be finite
+    s = 0.0f;
+    z = 0;
+  }
+  *scale = s;
+  *zp = z;
 }
 
 }  // namespace lowbit

@@ -21,13 +21,10 @@ struct QuantSpec {
   bool per_tensor = false; // one scale/zp for everything (group ignored)
 };
 
-// Finite min/max of rows x[r * row_stride + k], k < K, including 0 (formats.h).
-// Returns false if any element is NaN.
-bool RangeStats(const void* x, DType dtype, size_t rows, size_t k, size_t row_stride,
+// Finite min/max of rows x[r * row_stride + k], k < K, including 0 (formats.h);
+// NaN counts as 0 (QuantizeRows reports NaN).
+void RangeStats(const void* x, DType dtype, size_t rows, size_t k, size_t row_stride,
                 float* lo, float* hi);
-
-// Scale (and zero point) for a group whose range is [lo, hi] (formats.h).
-void ChooseScale(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zp);
 
 // Quantizes rows x [rows, K] (row_stride elements apart) into packed codes
 // [rows, packed_stride] bytes. When scales_given, scales/zps are read,

@@ -194,3 +194,29 @@ def test_dequantize_to_half_and_bf16(target, rng):
     f32 = lowbit.dequantize_array(q)
     np.testing.assert_array_equal(lowbit.dequantize_array(q, np.float16), f32.astype(np.float16))
     np.testing.assert_array_equal(lowbit.dequantize_array(q, "bfloat16"), ref.encode_float(f32, "bfloat16"))
+
+
+def test_out_buffers_are_reused(target, rng):
+    x = rng.standard_normal((6, 128)).astype(np.float32)
+    q = lowbit.quantize_array(x, bits=4, group_size=32, symmetric=False)
+    y = rng.standard_normal((6, 128)).astype(np.float32)
+    ids = (id(q.packed), id(q.scales), id(q.zero_points))
+    q2 = lowbit.quantize_array(y, bits=4, group_size=32, symmetric=False, out=q)
+    assert q2 is q and (id(q.packed), id(q.scales), id(q.zero_points)) == ids
+    fresh = lowbit.quantize_array(y, bits=4, group_size=32, symmetric=False)
+    np.testing.assert_array_equal(q.packed, fresh.packed)
+    np.testing.assert_array_equal(q.zero_points, fresh.zero_points)
+    buf = np.full((6, 128), np.nan, np.float32)
+    assert lowbit.dequantize_array(q, out=buf) is buf
+    np.testing.assert_array_equal(buf, lowbit.dequantize_array(fresh))
+    wide = np.zeros((6, 200), np.float32)           # strided rows are fine
+    lowbit.dequantize_array(q, out=wide[:, :128])
+    np.testing.assert_array_equal(wide[:, :128], buf)
+    with pytest.raises(ValueError, match="out"):
+        lowbit.quantize_array(y, bits=8, out=q)
+    with pytest.raises(TypeError, match="out"):
+        lowbit.quantize_array(y, bits=4, group_size=32, symmetric=False, out=buf)
+    with pytest.raises(ValueError, match="shape"):
+        lowbit.dequantize_array(q, out=np.empty((6, 127), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        lowbit.dequantize_array(q, out=np.empty((6, 128), np.float64))

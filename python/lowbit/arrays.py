@@ -97,7 +97,7 @@ def _scale_shape(rows: int, k: int, group_size: GroupSize) -> tuple:
 
 
 def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
-                   scale=None, zero_point=None, input_dtype=None) -> QArray:
+                   scale=None, zero_point=None, input_dtype=None, out: Optional[QArray] = None) -> QArray:
     """Quantize a float array along its last axis.
 
     Args:
@@ -112,6 +112,8 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
       scale, zero_point: use these instead of computing them; shaped like
         ``QArray.scales`` (broadcastable scalars allowed). Scales must be finite and
         > 0; zero points integers in [0, 2^bits - 1].
+      out: a QArray of the same shape and format whose buffers are overwritten
+        and returned (saves allocating, e.g. when re-quantizing in a loop).
 
     NaN in x raises ValueError; +-inf saturates to the end codes.
 
@@ -139,21 +141,45 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
     rows = x2.shape[0]
     sshape = _scale_shape(rows, k, group_size)
     given = scale is not None
+    if zero_point is not None and not given:
+        raise ValueError("zero_point given without scale")
+    if out is not None:
+        _check_out(out, shape, bits, group_size, symmetric)
     if given:
         scales = _given_scales(scale, sshape)
         zps = None if symmetric else _given_zero_points(zero_point, sshape, bits)
-    else:
-        if zero_point is not None:
-            raise ValueError("zero_point given without scale")
+        if out is not None:
+            out.scales[...] = scales.reshape(out.scales.shape)
+            if zps is not None:
+                out.zero_points[...] = zps.reshape(out.zero_points.shape)
+    if out is not None:
+        scales, zps, packed = out.scales, out.zero_points, out.packed
+    elif not given:
         scales = np.empty(sshape, np.float32)
         zps = None if symmetric else np.empty(sshape, np.uint8)
-    packed = np.empty((rows, (k * bits + 7) // 8), np.uint8)
+    if out is None:
+        packed = np.empty((rows, (k * bits + 7) // 8), np.uint8)
     group = k if group_size in (None, "tensor") else group_size
     ok = _C.quantize_rows(x2, FLAG_OF[dname], bits, group, symmetric, group_size == "tensor", given,
                           scales.reshape(-1), None if zps is None else zps.reshape(-1), packed)
     if not ok:
         raise ValueError("x contains NaN")
+    if out is not None:
+        object.__setattr__(out, "dtype", dname)
+        return out
     return QArray(packed, scales, zps, shape, bits, group_size, symmetric, dname)
+
+
+def _check_out(out, shape, bits, group_size, symmetric) -> None:
+    if not isinstance(out, QArray):
+        raise TypeError(f"out must be a QArray, got {type(out).__name__}")
+    if (tuple(out.shape), out.bits, out.group_size, out.symmetric) != (shape, bits, group_size, symmetric):
+        raise ValueError(f"out must have shape {shape}, bits={bits}, group_size={group_size!r}, "
+                         f"symmetric={symmetric}; got {out!r}")
+    for name in ("packed", "scales") + (() if symmetric else ("zero_points",)):
+        a = getattr(out, name)
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"out.{name} must be writable and C-contiguous")
 
 
 def _given_scales(scale, sshape) -> np.ndarray:
@@ -184,26 +210,46 @@ def _given_zero_points(zero_point, sshape, bits) -> np.ndarray:
     return np.ascontiguousarray(z.astype(np.uint8))
 
 
-def dequantize_array(q: QArray, dtype=np.float32) -> np.ndarray:
+def dequantize_array(q: QArray, dtype=np.float32, *, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Float values of a QArray: (code - zero_point) * scale, shaped like the original.
 
     dtype: float32 (default), float16, or "bfloat16" (returned as a uint16 view
     holding bfloat16 bits, or an ml_dtypes bfloat16 array when that is installed).
+    out: an array of q's shape and that dtype to write into (rows may be strided).
     """
     if not isinstance(q, QArray):
         raise TypeError(f"q must be a QArray, got {type(q).__name__}")
     dname = dtype_name(dtype)
     k = q.shape[-1]
     rows = q.packed.shape[0]
-    out = np.empty((rows, k), {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dname])
-    group = k if q.group_size in (None, "tensor") else q.group_size
-    _C.dequantize_rows(q.packed, k, q.bits, group, q.symmetric, q.group_size == "tensor",
-                       q.scales.reshape(-1), None if q.zero_points is None else q.zero_points.reshape(-1),
-                       out, FLAG_OF[dname])
+    storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dname]
+    if out is not None:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(q.shape):
+            raise ValueError(f"out must have shape {q.shape}, got {out.shape}")
+        view = out.view(np.uint16) if out.dtype.name == "bfloat16" else out
+        if view.dtype != storage:
+            raise TypeError(f"out must have dtype {dname}, got {out.dtype}")
+        target = view.reshape(rows, k)
+        if not np.shares_memory(target, view):
+            raise ValueError("out must be reshapeable to rows without a copy")
+        _dequantize_into(q, target, dname)
+        return out
+    out = np.empty((rows, k), storage)
+    _dequantize_into(q, out, dname)
     out = out.reshape(q.shape)
     if dname == "bfloat16" and not isinstance(dtype, str):
         return out.view(dtype)  # e.g. ml_dtypes.bfloat16
     return out
+
+
+def _dequantize_into(q: QArray, out: np.ndarray, dname: str) -> None:
+    k = q.shape[-1]
+    group = k if q.group_size in (None, "tensor") else q.group_size
+    _C.dequantize_rows(q.packed, k, q.bits, group, q.symmetric, q.group_size == "tensor",
+                       q.scales.reshape(-1), None if q.zero_points is None else q.zero_points.reshape(-1),
+                       out, FLAG_OF[dname])
 
 
 def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:

@@ -51,7 +51,8 @@ test-asan: $(VENV)/.deps
 	cd build-asan && LD_PRELOAD="$(ASAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath build-asan/pkg) \
 	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests)/test_kernels.py \
-	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py
+	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py \
+  $(abspath tests)/test_matmul.py
 
 bench: setup
 	$(VPY) benchmarks/bench_quantize.py

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "lowbit/kernels.h"
 #include "lowbit/parallel.h"
@@ -257,6 +258,102 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
   lowbit::FakeQuantBackward(px, pdy, outer, channels, inner, s, z, qmin, qmax, o);
 }
 
+// The tiled weights as Python hands them over: arrays plus their shape facts,
+// all re-validated here so a hand-built or corrupted object cannot make a
+// kernel read out of bounds.
+lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py::array& data,
+                           const py::array& scales, const py::array& offsets) {
+  if (bits != 4 && bits != 8) Fail("bits must be 4 or 8 for matmul, got " + std::to_string(bits));
+  if (n == 0 || k == 0) Fail("weights must not be empty");
+  if (group == 0 || k % group != 0) Fail("group_size must divide K");
+  lowbit::TiledWeights w;
+  w.bits = bits;
+  w.n = n;
+  w.k = k;
+  const size_t step = lowbit::KStep(bits);
+  w.kp = (k + step - 1) / step * step;
+  w.ngroups = k / group;
+  w.group = w.ngroups == 1 ? w.kp : group;
+  if (w.group % step != 0)
+    Fail("group_size must be a multiple of " + std::to_string(step) + " for " + std::to_string(bits) + "-bit matmul");
+  w.tiles = (n + lowbit::kTileRows - 1) / lowbit::kTileRows;
+  CheckFlat(data, "data", Kind::kU8, w.tiles * (w.kp / step) * lowbit::kBlockBytes, false);
+  CheckFlat(scales, "scales", Kind::kF32, w.tiles * w.ngroups * lowbit::kTileRows, false);
+  CheckFlat(offsets, "offsets", Kind::kI32, w.tiles * w.ngroups * lowbit::kTileRows, false);
+  w.data = static_cast<const uint8_t*>(data.data());
+  w.scales = static_cast<const float*>(scales.data());
+  w.offsets = static_cast<const int32_t*>(offsets.data());
+  return w;
+}
+
+void PackTiled(const py::array& codes, int bits, bool symmetric, size_t group, const py::array& scales,
+               py::object zps_obj, py::array data, py::array tscales, py::array toffs) {
+  if (codes.ndim() != 2) Fail("codes must be 2-D");
+  const size_t n = codes.shape(0), k = codes.shape(1);
+  if (!(codes.flags() & py::array::c_style) || codes.itemsize() != 1) Fail("codes must be C-contiguous int8/uint8");
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, tscales, toffs);
+  CheckFlat(data, "data", Kind::kU8, data.size(), true);
+  CheckFlat(tscales, "scales", Kind::kF32, tscales.size(), true);
+  CheckFlat(toffs, "offsets", Kind::kI32, toffs.size(), true);
+  CheckFlat(scales, "scales", Kind::kF32, n * w.ngroups, false);
+  const uint8_t* zps = nullptr;
+  py::array zarr;
+  if (!symmetric) {
+    if (zps_obj.is_none()) Fail("zero_point is required for asymmetric weights");
+    zarr = zps_obj.cast<py::array>();
+    CheckFlat(zarr, "zero_point", Kind::kU8, n * w.ngroups, false);
+    zps = static_cast<const uint8_t*>(zarr.data());
+  }
+  uint8_t* d = static_cast<uint8_t*>(data.mutable_data());
+  std::memset(d, 0, data.size());
+  const uint8_t* c = static_cast<const uint8_t*>(codes.data());
+  const float* s = static_cast<const float*>(scales.data());
+  float* ts = static_cast<float*>(tscales.mutable_data());
+  int32_t* to = static_cast<int32_t*>(toffs.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::PackTiled(c, n, k, bits, symmetric, group, s, zps, d, ts, to);
+}
+
+void CheckOut(const py::array& out, size_t m, size_t n) {
+  CheckKind(out, "out", Kind::kF32);
+  if (out.ndim() != 2 || static_cast<size_t>(out.shape(0)) != m || static_cast<size_t>(out.shape(1)) != n)
+    Fail("out must have shape (" + std::to_string(m) + ", " + std::to_string(n) + ")");
+  if (!out.writeable() || !(out.flags() & py::array::c_style)) Fail("out must be writable and C-contiguous");
+}
+
+bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
+                    const py::array& scales, const py::array& offsets, py::array out) {
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+  const size_t stride = CheckRows(x, "x", Kind::kF32, false);
+  const size_t m = x.shape(0);
+  if (static_cast<size_t>(x.shape(1)) != k) Fail("x must have K=" + std::to_string(k) + " columns");
+  CheckOut(out, m, n);
+  std::vector<int8_t> xq(m * w.kp);
+  std::vector<float> xs(m);
+  std::vector<int32_t> xsum(m * w.ngroups);
+  const float* px = static_cast<const float*>(x.data());
+  float* po = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  if (!lowbit::QuantizeActivations(px, m, k, stride, w.kp, w.group, xq.data(), xs.data(), xsum.data()))
+    return false;
+  lowbit::MatmulQuantAct(xq.data(), xs.data(), xsum.data(), m, w, po, n);
+  return true;
+}
+
+void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
+                    const py::array& scales, const py::array& offsets, py::array out) {
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+  const size_t stride = CheckRows(x, "x", Kind::kF32, false);
+  const size_t m = x.shape(0);
+  if (static_cast<size_t>(x.shape(1)) != w.kp)
+    Fail("x must have " + std::to_string(w.kp) + " columns (K zero-padded to the k-step)");
+  CheckOut(out, m, n);
+  const float* px = static_cast<const float*>(x.data());
+  float* po = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::MatmulFloatAct(px, m, stride, w, po, n);
+}
+
 py::dict CpuFeatures() {
   py::dict d;
 #if defined(__x86_64__) || defined(__i386__)
@@ -334,6 +431,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("zero_point"), py::arg("quant_min"), py::arg("quant_max"),
         py::arg("out").noconvert());
 
+  m.def("pack_tiled", &PackTiled, py::arg("codes"), py::arg("bits"), py::arg("symmetric"),
+        py::arg("group"), py::arg("scales"), py::arg("zero_points").none(true),
+        py::arg("data").noconvert(), py::arg("tile_scales").noconvert(), py::arg("tile_offsets").noconvert());
+  m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
+        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets"), py::arg("out").noconvert(),
+        "int8 per-token activations x tiled weights; returns False if x held NaN.");
+  m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
+        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets"), py::arg("out").noconvert());
+  m.def("vnni_active", &lowbit::VnniActive);
+  m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
   m.def("set_num_threads", [](int n) {
     if (n < 1) Fail("num_threads must be >= 1, got " + std::to_string(n));
     lowbit::SetNumThreads(n);

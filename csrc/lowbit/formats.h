@@ -69,6 +69,32 @@
 //   fp8 conversions saturate by default: finite overflow and +-inf give +-max
 //   (OCP "satfinite"); without saturation e4m3 overflow gives NaN and e5m2
 //   overflow gives inf.
+// ---------------------------------------------------------------------------
+// Matmul weight layout ("tiled", version 1): what lowbit.pack_weights builds,
+// what the matmul kernels stream and what storage writes (issue 6/6).
+//   Weights W [N, K], b in {4, 8} bits, groups of G along K (G = K per row).
+//   Stored codes are unsigned: u = q + 2^(b-1) for symmetric codes, u = q for
+//   asymmetric ones; the true integer is u - off with off = 2^(b-1) or zp.
+//   kt = 4 (int8) or 8 (int4) consecutive k form one k-step; K is padded with
+//   u = off (true 0) to Kp = a multiple of kt (and G must be a multiple of kt
+//   unless there is one group per row).
+//   N is split into tiles of 16 rows (the last tile padded with u = off, scale
+//   0). Tile t is Kp / kt blocks of 64 bytes, k-steps in order; in block kb,
+//   bytes 4i..4i+3 belong to row n = 16t + i (i = 0..15):
+//     int8: byte 4i + j = u[n, 4kb + j]                            (j = 0..3)
+//     int4: byte 4i + j = u[n, 8kb + j] | u[n, 8kb + 4 + j] << 4    (j = 0..3)
+//   so each 32-bit lane is one row and a 64-byte block is one AVX-512 vector
+//   (two AVX2 or four SSE vectors), the operand order of vpdpbusd (unsigned
+//   weights x signed activations, 4 products summed per lane).
+//   Scales: float32 [Nt, ngroups, 16]; offsets off: int32 [Nt, ngroups, 16].
+//   Integer accumulation: |u * x| <= 255 * 127 per product, so a group's
+//   int32 sum cannot overflow for G <= 65536 (the kernels reject larger).
+//
+// Activations (act_bits=8): per row (token), symmetric int8 in [-127, 127],
+//   scale = amax / 127 of the row's finite values, rows padded with zeros to Kp;
+//   per row and group the code sum sx (int32) is kept for the offset correction
+//   sum_k (u - off) x = sum_k u x - off * sx.
+
 #pragma once
 
 #include <cfloat>
@@ -83,6 +109,10 @@ enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // fp8 flavours.
 enum class Fp8Kind : int { kE4M3 = 0, kE5M2 = 1 };
+
+constexpr size_t kTileRows = 16;   // rows per matmul weight tile
+constexpr size_t kBlockBytes = 64;  // bytes per k-step block of a tile
+inline size_t KStep(int bits) { return bits == 4 ? 8 : 4; }
 
 inline size_t PackedRowBytes(size_t k, int bits) { return (k * size_t(bits) + 7) / 8; }
 

@@ -65,6 +65,45 @@ void FakeQuantBackward(const float* x, const float* dy, size_t outer, size_t cha
                        size_t inner, const float* scales, const int32_t* zps, int qmin, int qmax,
                        float* dx);
 
+// ---- matmul (formats.h "Matmul weight layout") ----
+struct TiledWeights {
+  int bits = 8;            // 4 or 8
+  size_t n = 0, k = 0;     // logical shape [N, K]
+  size_t kp = 0;           // K padded to the k-step
+  size_t group = 0;        // elements per group along K (== kp when one group per row)
+  size_t ngroups = 0, tiles = 0;
+  const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
+  const float* scales = nullptr;    // [tiles, ngroups, 16]
+  const int32_t* offsets = nullptr; // [tiles, ngroups, 16]
+};
+
+// Builds the tiled layout from unpacked codes [N, K] (int8 when symmetric,
+// uint8 otherwise), scales [N, ngroups] and zero points [N, ngroups] (asymmetric).
+void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetric, size_t group,
+               const float* scales, const uint8_t* zps, uint8_t* data, float* tile_scales,
+               int32_t* tile_offsets);
+
+// Per-row symmetric int8 activations (formats.h): xq [M, kp] (zero padded),
+// xscale [M], xsum [M, ngroups] with groups of `group` along kp.
+// Returns false if x held a NaN.
+bool QuantizeActivations(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
+                         size_t group, int8_t* xq, float* xscale, int32_t* xsum);
+
+// out [M, N] (out_stride apart) = dequant(xq) @ dequant(W)^T with integer dot
+// products (VNNI vpdpbusd when active, else int16 multiply-add).
+void MatmulQuantAct(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
+                    const TiledWeights& w, float* out, size_t out_stride);
+
+// out [M, N] = x @ dequant(W)^T with float activations x [M, kp] (x_stride apart;
+// columns K..kp must be zero).
+void MatmulFloatAct(const float* x, size_t m, size_t x_stride, const TiledWeights& w, float* out,
+                    size_t out_stride);
+
+// Whether the AVX-512 VNNI path runs (CPU has it and it is not disabled), and
+// the test hook that disables it so the portable path is checked on AVX-512 too.
+bool VnniActive();
+void SetVnniEnabled(bool enabled);
+
 // Highway targets compiled into this module (bit masks and names), the one
 // dispatch picks now, and a test hook restricting dispatch (0 = no limit).
 std::vector<std::pair<int64_t, std::string>> CompiledTargets();

@@ -15,7 +15,7 @@ FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
 
 __all__ = [
     "qrange", "group_range", "choose_scale", "quantize_codes", "pack", "unpack",
-    "quantize", "dequantize", "encode_float", "decode_float", "fake_quantize", "fake_quantize_mask",
+    "quantize", "dequantize", "quantize_activations", "matmul", "encode_float", "decode_float", "fake_quantize", "fake_quantize_mask",
 ]
 
 
@@ -265,3 +265,57 @@ def fake_quantize_mask(x, scale, zero_point, quant_min, quant_max, axis=None, gr
     inv = (np.float32(1) / s).astype(np.float32)
     r = np.rint((xv * inv).astype(np.float32))
     return ((r >= quant_min - zp) & (r <= quant_max - zp)).reshape(shape)
+
+
+# ---------------------------------------------------------------- matmul
+def quantize_activations(x):
+    """Per-row symmetric int8 activations: scale = amax/127 of finite |x|,
+    q = rint(clamp(x * (1/scale), -127, 127)). Returns (int32 codes, float32 scales)."""
+    x = np.asarray(x, np.float32)
+    if np.isnan(x).any():
+        raise ValueError("x contains NaN")
+    amax = np.where(np.isfinite(x), np.abs(x), np.float32(0)).max(axis=1).astype(np.float32)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    ok = scale >= FLT_MIN
+    inv = np.where(ok, np.float32(1) / np.where(ok, scale, 1), np.float32(0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        v = (x * inv[:, None]).astype(np.float32)
+    v = np.where(inv[:, None] == 0, np.float32(0), v)
+    q = np.rint(np.clip(v, -127, 127)).astype(np.int32)
+    return q, np.where(ok, scale, np.float32(0)).astype(np.float32)
+
+
+def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
+    """x [M, K] @ dequant(W).T in float64, and a rigorous bound on the error a
+    float32 kernel may add (|result - kernel| <= bound).
+
+    codes [N, K] int (signed when zero_points is None), scales [N, ngroups] (one
+    group per row when group_size is None).
+    With act_bits=8 the activations are first quantized as the kernels do; the
+    integer sums are exact, so the bound only covers the float32 epilogue
+    (per-group scale multiply-adds and the final activation-scale multiply).
+    Without, the bound is the classic (K + groups + 2) * 2^-24 * sum |w x|.
+    """
+    x = np.asarray(x, np.float32)
+    c = np.asarray(codes, np.int64)
+    n, k = c.shape
+    g = k if group_size is None else int(group_size)
+    s = np.asarray(scales, np.float64).reshape(n, k // g)
+    zp = np.zeros_like(s, dtype=np.int64) if zero_points is None else \
+        np.asarray(zero_points, np.int64).reshape(n, k // g)
+    w_int = (c.reshape(n, k // g, g) - zp[:, :, None])            # exact integers
+    eps = 2.0 ** -24
+    if act_bits == 8:
+        xq, xs = quantize_activations(x)
+        xg = xq.astype(np.int64).reshape(x.shape[0], k // g, g)
+        isum = np.einsum("mgk,ngk->mng", xg, w_int)                 # exact
+        terms = isum.astype(np.float64) * s[None, :, :]             # [M, N, groups]
+        result = terms.sum(axis=2) * xs.astype(np.float64)[:, None]
+        mag = np.abs(terms).sum(axis=2) * np.abs(xs.astype(np.float64))[:, None]
+        bound = (k // g + 3) * eps * mag * 1.01 + 1e-30
+        return result, bound
+    w = (w_int * s[:, :, None]).reshape(n, k)
+    x64 = x.astype(np.float64)
+    result = x64 @ w.T
+    bound = (k + k // g + 3) * eps * (np.abs(x64) @ np.abs(w).T) * 1.01 + 1e-30
+    return result, bound

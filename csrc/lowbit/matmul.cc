@@ -1,0 +1,433 @@
+// Low-bit matmul kernels over the tiled weight layout of formats.h:
+//   * per-token int8 activation quantization,
+//   * integer GEMV/GEMM (W8A8, W4A8): unsigned weights x signed int8
+//     activations, 4 products per 32-bit lane and step (vpdpbusd on AVX-512
+//     VNNI, int16 multiply-add elsewhere), offsets removed per group, scales
+//     applied per group in float,
+//   * weight-only GEMV/GEMM with float32 activations (codes decoded in registers).
+// Work is split over tiles of 16 output rows, so every thread streams its own
+// contiguous part of the weights.
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "lowbit/matmul.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "hwy/cache_control.h"
+#include "hwy/highway.h"
+#include "lowbit/float_formats-inl.h"
+#include "lowbit/kernels.h"
+#include "lowbit/parallel.h"
+
+namespace lowbit {
+// Set once from the CPU, cleared by the test hook (HWY_ONCE section below).
+extern std::atomic<bool> g_vnni_enabled;
+}  // namespace lowbit
+
+HWY_BEFORE_NAMESPACE();
+namespace lowbit {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::ScalableTag<int32_t>;
+using DU8 = hn::Repartition<uint8_t, DI>;
+using VI = hn::Vec<DI>;
+using VF = hn::Vec<DF>;
+constexpr size_t kLanes = HWY_LANES(int32_t);
+// Vectors per 16-row tile: 1 (AVX-512), 2 (AVX2), 4 (SSE).
+constexpr size_t kVecs = kTileRows / kLanes;
+
+// ---------------------------------------------------------------- activations
+
+bool QuantizeActivationsImpl(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
+                             size_t group, int8_t* xq, float* xscale, int32_t* xsum) {
+  const size_t ngroups = kp / group;
+  std::atomic<bool> ok{true};
+  ParallelFor(m, std::max<size_t>(1, (size_t(1) << 15) / kp), [&](size_t r0, size_t r1) {
+    const DF df;
+    const DI di;
+    const hn::Rebind<int8_t, DI> d8;
+    for (size_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * x_stride;
+      auto amax = hn::Zero(df);
+      auto nan = hn::Lt(amax, amax);
+      ForEachVectorIn<kLanes>(xr, k, [&](const float* p) {
+        const auto v = hn::LoadU(df, p);
+        nan = hn::Or(nan, hn::IsNaN(v));
+        amax = hn::Max(amax, hn::IfThenElseZero(hn::IsFinite(v), hn::Abs(v)));
+      });
+      if (!hn::AllFalse(df, nan)) ok = false;
+      const float a = hn::GetLane(hn::MaxOfLanes(df, amax));
+      const float scale = a / 127.0f;
+      const float inv = scale >= FLT_MIN ? 1.0f / scale : 0.0f;
+      xscale[r] = inv == 0.0f ? 0.0f : scale;
+      const auto vinv = hn::Set(df, inv), lo = hn::Set(df, -127.0f), hi = hn::Set(df, 127.0f);
+      int8_t* qr = xq + r * kp;
+      for (size_t g = 0; g < ngroups; ++g) {
+        const size_t begin = g * group, end = std::min(k, begin + group);
+        auto sum = hn::Zero(di);
+        if (begin < end) {
+          ForEachVector<kLanes>(xr + begin, qr + begin, end - begin, [&](const float* p, int8_t* o) {
+            const auto q = hn::NearestInt(hn::Min(hn::Max(hn::Mul(hn::LoadU(df, p), vinv), lo), hi));
+            sum = hn::Add(sum, q);
+            hn::StoreU(hn::DemoteTo(d8, q), d8, o);
+          });
+        }
+        // Zero padding past K (it sits in the last group).
+        for (size_t i = std::max(begin, k); i < begin + group; ++i) qr[i] = 0;
+        xsum[r * ngroups + g] = hn::GetLane(hn::SumOfLanes(di, sum));
+      }
+    }
+  });
+  return ok;
+}
+
+// ---------------------------------------------------------------- int dot step
+
+// acc += sum over the 4 bytes of each 32-bit lane of w (unsigned) * x (signed).
+struct DotPortable {
+  struct X {
+    hn::Vec<hn::Repartition<int16_t, DI>> even, odd;
+  };
+  static HWY_INLINE X Prepare(int32_t x4) {
+    const hn::Repartition<int16_t, DI> d16;
+    const auto v = hn::BitCast(d16, hn::Set(DI(), x4));
+    return X{hn::ShiftRight<8>(hn::ShiftLeft<8>(v)), hn::ShiftRight<8>(v)};  // sign-extended bytes 0,2 / 1,3
+  }
+  static HWY_INLINE VI Dot(VI acc, hn::Vec<DU8> w, const X& x) {
+    const hn::Repartition<int16_t, DI> d16;
+    const hn::Repartition<uint16_t, DI> du16;
+    const auto w16 = hn::BitCast(du16, w);
+    const auto we = hn::BitCast(d16, hn::And(w16, hn::Set(du16, 0x00FF)));
+    const auto wo = hn::BitCast(d16, hn::ShiftRight<8>(w16));
+    VI unused = hn::Zero(DI());
+    // pmaddwd: each 32-bit lane gets w0*x0 + w2*x2, then w1*x1 + w3*x3 (<= 2*255*127).
+    acc = hn::ReorderWidenMulAccumulate(DI(), we, x.even, acc, unused);
+    acc = hn::ReorderWidenMulAccumulate(DI(), wo, x.odd, acc, unused);
+    return hn::RearrangeToOddPlusEven(acc, unused);
+  }
+};
+
+#if HWY_TARGET == HWY_AVX3
+// vpdpbusd through inline asm: the compiler never emits VNNI by itself here (so
+// the portable path stays VNNI-free on AVX-512 CPUs without it), and the EVEX
+// zmm form cannot turn into the VEX {vex} encoding that Zen 4 lacks.
+struct DotVnni {
+  using X = VI;
+  static HWY_INLINE X Prepare(int32_t x4) { return hn::Set(DI(), x4); }
+  static HWY_INLINE VI Dot(VI acc, hn::Vec<DU8> w, const X& x) {
+    __m512i a = acc.raw;
+    asm("vpdpbusd %[x], %[w], %[a]" : [a] "+v"(a) : [w] "v"(w.raw), [x] "v"(x.raw));
+    return VI{a};
+  }
+};
+#endif
+
+// ---------------------------------------------------------------- int GEMM
+
+// MR activation rows x NT tiles (NT * 16 output rows) over all of K.
+// Registers: MR * NT * kVecs int32 accumulators + as many float ones; AVX-512
+// with MR = 4, NT = 2: 8 + 8 of 32 zmm, and each weight vector loaded once
+// serves 4 rows (2 loads + 4 broadcasts per 8 vpdpbusd).
+template <class Dot, size_t MR, size_t NT, int kBits>
+HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const int32_t* xsum,
+                         const TiledWeights& w, size_t t0, float* out, size_t out_stride,
+                         size_t rows_left) {
+  const DF df;
+  const DI di;
+  const DU8 du8;
+  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  const size_t steps_per_group = w.group / kStep;
+  const size_t tile_bytes = (kp / kStep) * kBlockBytes;
+  VF facc[MR][NT * kVecs];
+  for (size_t r = 0; r < MR; ++r)
+    for (size_t v = 0; v < NT * kVecs; ++v) facc[r][v] = hn::Zero(df);
+
+  for (size_t g = 0; g < w.ngroups; ++g) {
+    VI iacc[MR][NT * kVecs];
+    for (size_t r = 0; r < MR; ++r)
+      for (size_t v = 0; v < NT * kVecs; ++v) iacc[r][v] = hn::Zero(di);
+    for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+      const uint8_t* blk[NT];
+      for (size_t t = 0; t < NT; ++t) blk[t] = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
+      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + 8 * kBlockBytes);  // ~512 B ahead
+      for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
+        // int4: low nibbles hold k-step half 0, high nibbles half 1.
+        hn::Vec<DU8> wv[NT * kVecs];
+        for (size_t t = 0; t < NT; ++t) {
+          for (size_t v = 0; v < kVecs; ++v) {
+            auto b = hn::LoadU(du8, blk[t] + v * kLanes * 4);
+            if (kBits == 4) {
+              b = half == 0 ? hn::And(b, hn::Set(du8, 0x0F))
+                            : hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b))),
+                                      hn::Set(du8, 0x0F));
+            }
+            wv[t * kVecs + v] = b;
+          }
+        }
+        const size_t kx = s * kStep + half * 4;
+        for (size_t r = 0; r < MR; ++r) {
+          int32_t x4;
+          std::memcpy(&x4, xq + r * kp + kx, 4);
+          const auto xo = Dot::Prepare(x4);
+          for (size_t v = 0; v < NT * kVecs; ++v) iacc[r][v] = Dot::Dot(iacc[r][v], wv[v], xo);
+        }
+      }
+    }
+    // Remove the offsets (sum (u - off) x = sum u x - off * sum x) and scale.
+    for (size_t t = 0; t < NT; ++t) {
+      for (size_t v = 0; v < kVecs; ++v) {
+        const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
+        const auto scale = hn::LoadU(df, w.scales + idx);
+        const auto off = hn::LoadU(di, w.offsets + idx);
+        for (size_t r = 0; r < MR; ++r) {
+          const auto corr = hn::Mul(off, hn::Set(di, xsum[r * w.ngroups + g]));
+          const auto exact = hn::ConvertTo(df, hn::Sub(iacc[r][t * kVecs + v], corr));
+          facc[r][t * kVecs + v] = hn::MulAdd(exact, scale, facc[r][t * kVecs + v]);
+        }
+      }
+    }
+  }
+  for (size_t r = 0; r < MR && r < rows_left; ++r) {
+    const auto xs = hn::Set(df, xscale[r]);
+    for (size_t t = 0; t < NT; ++t) {
+      const size_t n0 = (t0 + t) * kTileRows;
+      if (n0 >= w.n) break;
+      alignas(64) float buf[kTileRows];
+      for (size_t v = 0; v < kVecs; ++v) hn::Store(hn::Mul(facc[r][t * kVecs + v], xs), df, buf + v * kLanes);
+      std::memcpy(out + r * out_stride + n0, buf, std::min(kTileRows, w.n - n0) * sizeof(float));
+    }
+  }
+}
+
+template <class Dot, int kBits>
+void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
+               const TiledWeights& w, float* out, size_t out_stride) {
+  constexpr size_t kNT = 2;
+  const size_t tile_pairs = (w.tiles + kNT - 1) / kNT;
+  // Split N (pairs of tiles) across threads; every thread walks all rows of x
+  // in blocks of 4, re-reading its own weight slice from L2 (x is small).
+  ParallelFor(tile_pairs, 1, [&](size_t p0, size_t p1) {
+    for (size_t p = p0; p < p1; ++p) {
+      const size_t t0 = p * kNT;
+      const bool two = t0 + 1 < w.tiles;
+      size_t r = 0;
+      for (; r + 4 <= m; r += 4) {
+        if (two) IntBlock<Dot, 4, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
+        else IntBlock<Dot, 4, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
+      }
+      for (; r < m; ++r) {
+        if (two) IntBlock<Dot, 1, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
+        else IntBlock<Dot, 1, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
+      }
+    }
+  });
+}
+
+void MatmulQuantActImpl(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
+                        const TiledWeights& w, float* out, size_t out_stride) {
+#if HWY_TARGET == HWY_AVX3
+  if (g_vnni_enabled.load(std::memory_order_relaxed)) {
+    if (w.bits == 4) return IntMatmul<DotVnni, 4>(xq, xscale, xsum, m, w, out, out_stride);
+    return IntMatmul<DotVnni, 8>(xq, xscale, xsum, m, w, out, out_stride);
+  }
+#endif
+  if (w.bits == 4) return IntMatmul<DotPortable, 4>(xq, xscale, xsum, m, w, out, out_stride);
+  return IntMatmul<DotPortable, 8>(xq, xscale, xsum, m, w, out, out_stride);
+}
+
+// ---------------------------------------------------------------- float activations
+
+// MR rows x NT tiles; codes are decoded once per k and reused by the MR rows.
+template <size_t MR, size_t NT, int kBits>
+HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& w, size_t t0,
+                           float* out, size_t out_stride, size_t rows_left) {
+  const DF df;
+  const DI di;
+  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  const size_t steps_per_group = w.group / kStep;
+  const size_t tile_bytes = (w.kp / kStep) * kBlockBytes;
+  VF oacc[MR][NT * kVecs];
+  for (size_t r = 0; r < MR; ++r)
+    for (size_t v = 0; v < NT * kVecs; ++v) oacc[r][v] = hn::Zero(df);
+  for (size_t g = 0; g < w.ngroups; ++g) {
+    VF gacc[MR][NT * kVecs];
+    VI off[NT * kVecs];
+    for (size_t t = 0; t < NT; ++t)
+      for (size_t v = 0; v < kVecs; ++v)
+        off[t * kVecs + v] = hn::LoadU(di, w.offsets + ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes);
+    for (size_t r = 0; r < MR; ++r)
+      for (size_t v = 0; v < NT * kVecs; ++v) gacc[r][v] = hn::Zero(df);
+    for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+      VI lanes[NT * kVecs];
+      for (size_t t = 0; t < NT; ++t) {
+        const uint8_t* blk = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
+        hwy::Prefetch(blk + 8 * kBlockBytes);
+        for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = hn::LoadU(di, reinterpret_cast<const int32_t*>(blk) + v * kLanes);
+      }
+      const size_t k0 = s * kStep;
+      // Code j of each lane: (lane >> (bits * j)) & mask; int4 j = 0..7 reads
+      // bytes j % 4 (low nibble for j < 4, high nibble after).
+      for (size_t j = 0; j < kStep; ++j) {
+        const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
+        const int mask = (1 << kBits) - 1;
+        VF wj[NT * kVecs];
+        for (size_t v = 0; v < NT * kVecs; ++v) {
+          const auto u = hn::And(hn::ShiftRightSame(lanes[v], shift), hn::Set(di, mask));
+          wj[v] = hn::ConvertTo(df, hn::Sub(u, off[v]));
+        }
+        for (size_t r = 0; r < MR; ++r) {
+          const auto xb = hn::Set(df, x[r * x_stride + k0 + j]);
+          for (size_t v = 0; v < NT * kVecs; ++v) gacc[r][v] = hn::MulAdd(wj[v], xb, gacc[r][v]);
+        }
+      }
+    }
+    for (size_t t = 0; t < NT; ++t)
+      for (size_t v = 0; v < kVecs; ++v) {
+        const auto scale = hn::LoadU(df, w.scales + ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes);
+        for (size_t r = 0; r < MR; ++r)
+          oacc[r][t * kVecs + v] = hn::MulAdd(gacc[r][t * kVecs + v], scale, oacc[r][t * kVecs + v]);
+      }
+  }
+  for (size_t r = 0; r < MR && r < rows_left; ++r) {
+    for (size_t t = 0; t < NT; ++t) {
+      const size_t n0 = (t0 + t) * kTileRows;
+      if (n0 >= w.n) break;
+      alignas(64) float buf[kTileRows];
+      for (size_t v = 0; v < kVecs; ++v) hn::Store(oacc[r][t * kVecs + v], df, buf + v * kLanes);
+      std::memcpy(out + r * out_stride + n0, buf, std::min(kTileRows, w.n - n0) * sizeof(float));
+    }
+  }
+}
+
+template <int kBits>
+void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& w, float* out,
+                 size_t out_stride) {
+  constexpr size_t kNT = 2;
+  const size_t tile_pairs = (w.tiles + kNT - 1) / kNT;
+  ParallelFor(tile_pairs, 1, [&](size_t p0, size_t p1) {
+    for (size_t p = p0; p < p1; ++p) {
+      const size_t t0 = p * kNT;
+      const bool two = t0 + 1 < w.tiles;
+      size_t r = 0;
+      for (; r + 4 <= m; r += 4) {
+        if (two) FloatBlock<4, 2, kBits>(x + r * x_stride, x_stride, w, t0, out + r * out_stride, out_stride, 4);
+        else FloatBlock<4, 1, kBits>(x + r * x_stride, x_stride, w, t0, out + r * out_stride, out_stride, 4);
+      }
+      for (; r < m; ++r) {
+        if (two) FloatBlock<1, 2, kBits>(x + r * x_stride, x_stride, w, t0, out + r * out_stride, out_stride, 1);
+        else FloatBlock<1, 1, kBits>(x + r * x_stride, x_stride, w, t0, out + r * out_stride, out_stride, 1);
+      }
+    }
+  });
+}
+
+void MatmulFloatActImpl(const float* x, size_t m, size_t x_stride, const TiledWeights& w,
+                        float* out, size_t out_stride) {
+  if (w.bits == 4) return FloatMatmul<4>(x, m, x_stride, w, out, out_stride);
+  return FloatMatmul<8>(x, m, x_stride, w, out, out_stride);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lowbit
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lowbit {
+
+std::atomic<bool> g_vnni_enabled{[] {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
+#else
+  return false;
+#endif
+}()};
+
+HWY_EXPORT(QuantizeActivationsImpl);
+HWY_EXPORT(MatmulQuantActImpl);
+HWY_EXPORT(MatmulFloatActImpl);
+
+bool VnniActive() {
+  return g_vnni_enabled.load() && DispatchedTarget() == HWY_AVX3;
+}
+
+void SetVnniEnabled(bool enabled) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  g_vnni_enabled = enabled && __builtin_cpu_supports("avx512vnni");
+#else
+  (void)enabled;
+#endif
+}
+
+void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetric, size_t group,
+               const float* scales, const uint8_t* zps, uint8_t* data, float* tile_scales,
+               int32_t* tile_offsets) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("matmul weights must be 4 or 8 bits");
+  const size_t step = KStep(bits);
+  const size_t kp = (k + step - 1) / step * step;
+  const size_t ngroups = k / group;
+  const size_t gp = ngroups == 1 ? kp : group;  // padded group length
+  if (gp % step != 0) throw std::invalid_argument("group_size must be a multiple of the k-step");
+  const size_t tiles = (n + kTileRows - 1) / kTileRows;
+  const size_t tile_bytes = kp / step * kBlockBytes;
+  const int bias = symmetric ? 1 << (bits - 1) : 0;
+  ParallelFor(tiles, 1, [&](size_t t0, size_t t1) {
+    for (size_t t = t0; t < t1; ++t) {
+      for (size_t i = 0; i < kTileRows; ++i) {
+        const size_t row = t * kTileRows + i;
+        for (size_t g = 0; g < ngroups; ++g) {
+          const size_t idx = (t * ngroups + g) * kTileRows + i;
+          const int off = row >= n ? bias : (symmetric ? bias : zps[row * ngroups + g]);
+          tile_scales[idx] = row < n ? scales[row * ngroups + g] : 0.0f;
+          tile_offsets[idx] = off;
+        }
+        for (size_t kk = 0; kk < kp; ++kk) {
+          int u;
+          if (row < n && kk < k) {
+            u = symmetric ? static_cast<int>(static_cast<int8_t>(codes[row * k + kk])) + bias : codes[row * k + kk];
+          } else {  // padding: the true value 0
+            const size_t g = std::min(kk / gp, ngroups - 1);
+            u = tile_offsets[(t * ngroups + g) * kTileRows + i];
+          }
+          const size_t kb = kk / step, j = kk % step;
+          uint8_t* byte = data + t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4);
+          if (bits == 8) {
+            *byte = static_cast<uint8_t>(u);
+          } else if (j < 4) {
+            *byte = static_cast<uint8_t>((*byte & 0xF0) | (u & 0x0F));
+          } else {
+            *byte = static_cast<uint8_t>((*byte & 0x0F) | ((u & 0x0F) << 4));
+          }
+        }
+      }
+    }
+  });
+}
+
+bool QuantizeActivations(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
+                         size_t group, int8_t* xq, float* xscale, int32_t* xsum) {
+  if (group == 0 || kp % group != 0 || kp < k) throw std::invalid_argument("bad activation grouping");
+  return HWY_DYNAMIC_DISPATCH(QuantizeActivationsImpl)(x, m, k, x_stride, kp, group, xq, xscale, xsum);
+}
+
+void MatmulQuantAct(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
+                    const TiledWeights& w, float* out, size_t out_stride) {
+  if (w.group > 65536) throw std::invalid_argument("groups longer than 65536 could overflow int32");
+  HWY_DYNAMIC_DISPATCH(MatmulQuantActImpl)(xq, xscale, xsum, m, w, out, out_stride);
+}
+
+void MatmulFloatAct(const float* x, size_t m, size_t x_stride, const TiledWeights& w, float* out,
+                    size_t out_stride) {
+  HWY_DYNAMIC_DISPATCH(MatmulFloatActImpl)(x, m, x_stride, w, out, out_stride);
+}
+
+}  // namespace lowbit
+#endif  // HWY_ONCE

@@ -1,0 +1,165 @@
+"""Low-bit matmul on NumPy arrays: pack_weights once, then matmul many times.
+
+``lowbit.matmul(x, w, act_bits=None)`` computes ``x @ dequant(w).T``:
+  * ``act_bits=None``: weight-only, float activations (codes decoded in registers);
+  * ``act_bits=8``: activations quantized per row (token) to int8 on the fly, integer
+    dot products (AVX-512 VNNI ``vpdpbusd`` where the CPU has it), W8A8 / W4A8.
+Weights are int8 or int4, per row or per group (``csrc/lowbit/formats.h`` documents
+the tiled layout; it is the same on every SIMD target).
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from . import _C
+from ._dtypes import float_input
+from .arrays import QArray
+from .floats import decode_float
+
+TILE_ROWS = 16
+KSTEP = {8: 4, 4: 8}
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeights:
+    """A QArray [N, K] rearranged for the matmul kernels (formats.h, "tiled" v1)."""
+
+    data: np.ndarray      # uint8 [tiles * Kp / kstep * 64]
+    scales: np.ndarray    # float32 [tiles, ngroups, 16]
+    offsets: np.ndarray   # int32 [tiles, ngroups, 16]
+    shape: tuple          # (N, K)
+    bits: int
+    group_size: Optional[int]  # None: per row
+    symmetric: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + self.offsets.nbytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def kp(self) -> int:
+        step = KSTEP[self.bits]
+        return (self.shape[1] + step - 1) // step * step
+
+    @property
+    def _group(self) -> int:
+        return self.shape[1] if self.group_size is None else self.group_size
+
+    def __repr__(self) -> str:
+        g = "per-row" if self.group_size is None else f"group {self.group_size}"
+        return f"PackedWeights(shape={self.shape}, int{self.bits}, {g}, {self.nbytes} bytes)"
+
+
+def pack_weights(q: QArray) -> PackedWeights:
+    """Rearrange a 2-D int8/int4 QArray [N, K] into the matmul kernels' tiled layout.
+
+    >>> import numpy as np, lowbit
+    >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    >>> pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
+    >>> pw
+    PackedWeights(shape=(32, 64), int4, group 32, 2560 bytes)
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"q must be a QArray, got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"matmul weights must be 2-D [N, K], got shape {q.shape}")
+    if q.bits not in KSTEP:
+        raise ValueError(f"matmul supports bits=8 and bits=4 weights, got bits={q.bits}")
+    n, k = q.shape
+    step = KSTEP[q.bits]
+    group = None if q.group_size in (None, "tensor") or q.group_size == k else int(q.group_size)
+    if group is not None and group % step:
+        raise ValueError(f"group_size must be a multiple of {step} for {q.bits}-bit matmul, got {group}")
+    ngroups = 1 if group is None else k // group
+    scales = q.scales.reshape(-1)
+    zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+    if q.group_size == "tensor":  # one scale for everything: repeat it per row
+        scales = np.repeat(scales, n)
+        zps = None if zps is None else np.repeat(zps, n)
+    kp = (k + step - 1) // step * step
+    tiles = (n + TILE_ROWS - 1) // TILE_ROWS
+    data = np.empty(tiles * (kp // step) * 64, np.uint8)
+    tscales = np.empty((tiles, ngroups, TILE_ROWS), np.float32)
+    toffs = np.empty((tiles, ngroups, TILE_ROWS), np.int32)
+    codes = np.ascontiguousarray(q.codes())
+    _C.pack_tiled(codes.view(np.uint8), q.bits, q.symmetric, k if group is None else group,
+                  np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1), toffs.reshape(-1))
+    return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric)
+
+
+_warned_unpacked = False
+
+
+def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, input_dtype=None) -> np.ndarray:
+    """``x @ dequant(w).T`` as float32.
+
+    Args:
+      x: activations [M, K] (or [K]) in float32, float16 or bfloat16 (bfloat16 as
+        an ml_dtypes array or a uint16 view with ``input_dtype="bfloat16"``).
+      w: weights [N, K]: a :class:`PackedWeights` from :func:`pack_weights`, or a
+        QArray (packed on every call, with a one-time warning: pack once instead).
+      act_bits: None for float activations (weight-only), or 8 to quantize each row
+        of x to int8 (amax / 127) and use integer dot products.
+
+    >>> import numpy as np, lowbit
+    >>> rng = np.random.default_rng(0)
+    >>> w = rng.standard_normal((64, 256)).astype(np.float32)
+    >>> x = rng.standard_normal((2, 256)).astype(np.float32)
+    >>> pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=8))
+    >>> y = lowbit.matmul(x, pw, act_bits=8)
+    >>> y.shape, bool(np.abs(y - x @ w.T).max() < 0.05 * np.abs(x @ w.T).max())
+    ((2, 64), True)
+    """
+    global _warned_unpacked
+    if isinstance(w, QArray):
+        if not _warned_unpacked:
+            warnings.warn("lowbit.matmul got a QArray and packs it on every call; "
+                          "call lowbit.pack_weights(q) once and pass the result", stacklevel=2)
+            _warned_unpacked = True
+        w = pack_weights(w)
+    if not isinstance(w, PackedWeights):
+        raise TypeError(f"w must be PackedWeights (lowbit.pack_weights) or a QArray, got {type(w).__name__}")
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, numbers.Integral)):
+        raise TypeError(f"act_bits must be None or 8, got {act_bits!r}")
+    if act_bits not in (None, 8):
+        raise ValueError(f"act_bits must be None or 8, got {act_bits}")
+    arr, dname = float_input(x, "x", input_dtype)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"x must be 1-D [K] or 2-D [M, K], got shape {arr.shape}")
+    vector = arr.ndim == 1
+    x2 = arr.reshape(1, -1) if vector else arr
+    n, k = w.shape
+    if x2.shape[1] != k:
+        raise ValueError(f"x has {x2.shape[1]} columns but w has K={k}")
+    if x2.shape[0] == 0:
+        return np.zeros((0, n) if not vector else (n,), np.float32)
+    if dname == "bfloat16":
+        x2 = decode_float(np.ascontiguousarray(x2), "bfloat16")
+    elif dname == "float16":
+        x2 = x2.astype(np.float32)
+    if x2.strides[1] != 4 or x2.strides[0] % 4 or x2.strides[0] < 0:
+        x2 = np.ascontiguousarray(x2)
+    m = x2.shape[0]
+    out = np.empty((m, n), np.float32)
+    group = w._group
+    if act_bits == 8:
+        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1),
+                                   w.offsets.reshape(-1), out):
+            raise ValueError("x contains NaN")
+    else:
+        if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns
+            padded = np.zeros((m, w.kp), np.float32)
+            padded[:, :k] = x2
+            x2 = padded
+        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w.offsets.reshape(-1), out)
+    return out[0] if vector else out
+

@@ -1,0 +1,148 @@
+"""Matmul kernels against a float64 reference with a rigorous error bound derived
+from the inputs, on every compiled target (and with VNNI off on AVX-512)."""
+import warnings
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit import _C
+from lowbit import reference as ref
+
+FORMATS = [  # bits, group, symmetric
+    (8, None, True), (8, None, False), (8, 64, True),
+    (4, None, True), (4, 32, True), (4, 128, True), (4, 32, False), (4, 128, False),
+]
+
+
+from conftest import TARGETS  # noqa: E402
+from lowbit.runtime import only_target  # noqa: E402
+
+# Every compiled target with its default dot product; on AVX-512 with VNNI also
+# the int16 multiply-add path with VNNI switched off.
+_VNNI = bool(_C.cpu_features().get("avx512vnni"))
+PATHS = [(mask, name, "vnni" if name == "AVX3" and _VNNI else "portable") for mask, name in TARGETS]
+PATHS += [(mask, name, "portable") for mask, name in TARGETS if name == "AVX3" and _VNNI]
+
+
+@pytest.fixture(params=PATHS, ids=[f"{name}-{path}" for _, name, path in PATHS])
+def dot_path(request):
+    mask, name, path = request.param
+    _C.set_vnni_enabled(path == "vnni")
+    try:
+        with only_target(mask):
+            assert _C.vnni_active() == (path == "vnni")
+            yield path
+    finally:
+        _C.set_vnni_enabled(True)
+
+
+def check(x, q, group, act_bits):
+    pw = lowbit.pack_weights(q)
+    y = lowbit.matmul(x, pw, act_bits=act_bits)
+    r, bound = ref.matmul(x, q.codes(), q.scales if q.group_size != "tensor" else
+                          np.repeat(q.scales, q.shape[0]), q.zero_points, group, act_bits)
+    assert y.shape == r.shape and y.dtype == np.float32
+    err = np.abs(y - r)
+    assert np.all(err <= bound), f"max err {err.max()} vs bound {bound[err > bound].min()}"
+    return y
+
+
+@pytest.mark.parametrize("act_bits", [None, 8], ids=["w_only", "a8"])
+@pytest.mark.parametrize("bits,group,sym", FORMATS, ids=[f"int{b}-{g}-{'s' if s else 'a'}" for b, g, s in FORMATS])
+@pytest.mark.parametrize("m", [1, 2, 7, 64, 257])
+def test_matches_reference(dot_path, rng, m, bits, group, sym, act_bits):
+    n, k = 37, 256
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym)
+    check(x, q, group, act_bits)
+
+
+@pytest.mark.parametrize("k", [1, 3, 13, 100, 1000])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_k_tails_per_row(target, rng, k, bits):
+    w = rng.standard_normal((17, k)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=bits)
+    for act_bits in (None, 8):
+        check(x, q, None, act_bits)
+
+
+def test_special_activations(target, rng):
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=4, group_size=32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[1] = 0.0                               # all-zero row -> zeros
+    x[2, 5] = np.inf                         # saturates in the int8 path
+    y = lowbit.matmul(x, lowbit.pack_weights(q), act_bits=8)
+    assert np.all(y[1] == 0) and np.all(np.isfinite(y))
+    with pytest.raises(ValueError, match="NaN"):
+        lowbit.matmul(np.full((1, 64), np.nan, np.float32), lowbit.pack_weights(q), act_bits=8)
+
+
+def test_per_tensor_and_dtypes(rng):
+    w = rng.standard_normal((20, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=8, group_size="tensor")
+    check(x, q, None, 8)
+    pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
+    y32 = lowbit.matmul(x, pw)
+    np.testing.assert_array_equal(lowbit.matmul(x.astype(np.float16), pw),
+                                  lowbit.matmul(x.astype(np.float16).astype(np.float32), pw))
+    xb = ref.encode_float(x, "bfloat16")
+    np.testing.assert_array_equal(lowbit.matmul(xb, pw, input_dtype="bfloat16"),
+                                  lowbit.matmul(ref.decode_float(xb, "bfloat16"), pw))
+    np.testing.assert_array_equal(lowbit.matmul(x[0], pw), y32[0])          # 1-D x
+    np.testing.assert_array_equal(lowbit.matmul(np.asfortranarray(x), pw), y32)
+
+
+def test_bit_identical_across_threads_and_runs(rng):
+    w = rng.standard_normal((300, 512)).astype(np.float32)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    pws = [lowbit.pack_weights(lowbit.quantize_array(w, bits=b, group_size=g)) for b, g in ((8, None), (4, 128))]
+    old = lowbit.get_num_threads()
+    try:
+        for pw in pws:
+            for act_bits in (None, 8):
+                outs = []
+                for t in (1, 2, 3, 1):
+                    lowbit.set_num_threads(t)
+                    outs.append(lowbit.matmul(x, pw, act_bits=act_bits))
+                for o in outs[1:]:
+                    np.testing.assert_array_equal(o, outs[0])
+    finally:
+        lowbit.set_num_threads(old)
+
+
+def test_qarray_input_warns_once(rng):
+    import lowbit.matmul as mm
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=8)
+    mm._warned_unpacked = False
+    with pytest.warns(UserWarning, match="pack_weights"):
+        a = lowbit.matmul(w[:2], q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = lowbit.matmul(w[:2], q)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda q, pw: lowbit.matmul(np.ones((2, 31), np.float32), pw), ValueError, "K=32"),
+    (lambda q, pw: lowbit.matmul(np.ones((2, 32), np.float64), pw), TypeError, "x"),
+    (lambda q, pw: lowbit.matmul(np.ones((2, 2, 32), np.float32), pw), ValueError, "x"),
+    (lambda q, pw: lowbit.matmul(np.ones((2, 32), np.float32), pw, act_bits=4), ValueError, "act_bits"),
+    (lambda q, pw: lowbit.matmul(np.ones((2, 32), np.float32), "w"), TypeError, "w"),
+    (lambda q, pw: lowbit.pack_weights(lowbit.quantize_array(np.ones((4, 32), np.float32), bits=2)), ValueError, "bits"),
+    (lambda q, pw: lowbit.pack_weights(lowbit.quantize_array(np.ones((4, 36), np.float32), bits=4, group_size=12)),
+     ValueError, "multiple of 8"),
+    (lambda q, pw: lowbit.pack_weights(lowbit.quantize_array(np.ones((2, 4, 32), np.float32), bits=8)), ValueError, "2-D"),
+    (lambda q, pw: _C.matmul_float_act(np.ones((2, 32), np.float32), 4, 16, 32, 32, pw.data[:-1], pw.scales.reshape(-1),
+                                       pw.offsets.reshape(-1), np.empty((2, 16), np.float32)), ValueError, "data"),
+])
+def test_bad_input(call, exc, word):
+    q = lowbit.quantize_array(np.ones((16, 32), np.float32), bits=4, group_size=32)
+    pw = lowbit.pack_weights(q)
+    with pytest.raises(exc, match=word):
+        call(q, pw)

@@ -156,7 +156,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const uint8_t* blk[NT];
       for (size_t t = 0; t < NT; ++t) blk[t] = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
-      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + 8 * kBlockBytes);  // ~512 B ahead
+      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + 16 * kBlockBytes);  // 1 KiB ahead per stream
       for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
         // int4: low nibbles hold k-step half 0, high nibbles half 1.
         hn::Vec<DU8> wv[NT * kVecs];
@@ -206,26 +206,47 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
   }
 }
 
+// Runs fn(t0, nt) over groups of up to kMaxNT tiles split across threads.
+template <size_t kNT, class Fn>
+void ForTileGroups(size_t tiles, const Fn& fn) {
+  const size_t groups = (tiles + kNT - 1) / kNT;
+  ParallelFor(groups, 1, [&](size_t g0, size_t g1) {
+    for (size_t g = g0; g < g1; ++g) fn(g * kNT, std::min(kNT, tiles - g * kNT));
+  });
+}
+
 template <class Dot, int kBits>
 void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
                const TiledWeights& w, float* out, size_t out_stride) {
-  constexpr size_t kNT = 2;
-  const size_t tile_pairs = (w.tiles + kNT - 1) / kNT;
+  if (m < 4) {
+    // GEMV-like: 4 tiles at a time give 4 independent vpdpbusd chains
+    // (latency 5) and 4 weight streams in flight.
+    ForTileGroups<4>(w.tiles, [&](size_t t0, size_t nt) {
+      for (size_t r = 0; r < m; ++r) {
+        const int8_t* xr = xq + r * w.kp;
+        const int32_t* sr = xsum + r * w.ngroups;
+        float* orow = out + r * out_stride;
+        switch (nt) {
+          case 4: IntBlock<Dot, 1, 4, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+          case 3: IntBlock<Dot, 1, 3, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+          case 2: IntBlock<Dot, 1, 2, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+          default: IntBlock<Dot, 1, 1, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1);
+        }
+      }
+    });
+    return;
+  }
   // Split N (pairs of tiles) across threads; every thread walks all rows of x
   // in blocks of 4, re-reading its own weight slice from L2 (x is small).
-  ParallelFor(tile_pairs, 1, [&](size_t p0, size_t p1) {
-    for (size_t p = p0; p < p1; ++p) {
-      const size_t t0 = p * kNT;
-      const bool two = t0 + 1 < w.tiles;
-      size_t r = 0;
-      for (; r + 4 <= m; r += 4) {
-        if (two) IntBlock<Dot, 4, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
-        else IntBlock<Dot, 4, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
-      }
-      for (; r < m; ++r) {
-        if (two) IntBlock<Dot, 1, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
-        else IntBlock<Dot, 1, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
-      }
+  ForTileGroups<2>(w.tiles, [&](size_t t0, size_t nt) {
+    size_t r = 0;
+    for (; r + 4 <= m; r += 4) {
+      if (nt == 2) IntBlock<Dot, 4, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
+      else IntBlock<Dot, 4, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
+    }
+    for (; r < m; ++r) {
+      if (nt == 2) IntBlock<Dot, 1, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
+      else IntBlock<Dot, 1, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
     }
   });
 }

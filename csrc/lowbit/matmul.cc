@@ -42,6 +42,9 @@ using VF = hn::Vec<DF>;
 constexpr size_t kLanes = HWY_LANES(int32_t);
 // Vectors per 16-row tile: 1 (AVX-512), 2 (AVX2), 4 (SSE).
 constexpr size_t kVecs = kTileRows / kLanes;
+#ifndef LOWBIT_MR
+#define LOWBIT_MR 8  // 8 rows x 2 tiles: 16 vpdpbusd per 2 weight loads + 8 broadcasts (no spills)
+#endif
 
 // ---------------------------------------------------------------- activations
 
@@ -156,7 +159,9 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const uint8_t* blk[NT];
       for (size_t t = 0; t < NT; ++t) blk[t] = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
-      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + 16 * kBlockBytes);  // 1 KiB ahead per stream
+      if (MR == 1) {  // GEMV streams weights once from DRAM; GEMM re-reads them from L2
+        for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + 16 * kBlockBytes);  // 1 KiB ahead
+      }
       for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
         // int4: low nibbles hold k-step half 0, high nibbles half 1.
         hn::Vec<DU8> wv[NT * kVecs];
@@ -237,12 +242,13 @@ void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_
     return;
   }
   // Split N (pairs of tiles) across threads; every thread walks all rows of x
-  // in blocks of 4, re-reading its own weight slice from L2 (x is small).
+  // in blocks of kMR, re-reading its own weight slice from L2 (x is small).
+  constexpr size_t kMR = LOWBIT_MR;
   ForTileGroups<2>(w.tiles, [&](size_t t0, size_t nt) {
     size_t r = 0;
-    for (; r + 4 <= m; r += 4) {
-      if (nt == 2) IntBlock<Dot, 4, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
-      else IntBlock<Dot, 4, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 4);
+    for (; r + kMR <= m; r += kMR) {
+      if (nt == 2) IntBlock<Dot, kMR, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
+      else IntBlock<Dot, kMR, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
     }
     for (; r < m; ++r) {
       if (nt == 2) IntBlock<Dot, 1, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);

@@ -55,7 +55,9 @@ test-asan: $(VENV)/.deps
   $(abspath tests)/test_matmul.py
 
 bench: setup
+	$(PIP) matplotlib
 	$(VPY) benchmarks/bench_quantize.py
+	$(VPY) benchmarks/bench_matmul.py
 
 clean:
 	rm -rf build build-asan $(VENV)/.built

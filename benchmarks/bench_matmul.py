@@ -45,7 +45,7 @@ class Rotating:
 
 def lowbit_contender(w, x, bits, group, act_bits):
     pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=bits, group_size=group))
-    rot = Rotating(lambda: lowbit.PackedWeights(pw.data.copy(), pw.scales.copy(), pw.offsets.copy(),
+    rot = Rotating(lambda: lowbit.PackedWeights(pw.data.copy(), pw.scales.copy(), None if pw.offsets is None else pw.offsets.copy(),
                                                 pw.shape, pw.bits, pw.group_size, pw.symmetric), pw.nbytes)
     return (lambda: lowbit.matmul(x, rot.next(), act_bits=act_bits)), pw.nbytes
 

@@ -262,7 +262,7 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
 // all re-validated here so a hand-built or corrupted object cannot make a
 // kernel read out of bounds.
 lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py::array& data,
-                           const py::array& scales, const py::array& offsets) {
+                           const py::array& scales, const py::object& offsets_obj) {
   if (bits != 4 && bits != 8) Fail("bits must be 4 or 8 for matmul, got " + std::to_string(bits));
   if (n == 0 || k == 0) Fail("weights must not be empty");
   if (group == 0 || k % group != 0) Fail("group_size must divide K");
@@ -279,22 +279,32 @@ lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py:
   w.tiles = (n + lowbit::kTileRows - 1) / lowbit::kTileRows;
   CheckFlat(data, "data", Kind::kU8, w.tiles * (w.kp / step) * lowbit::kBlockBytes, false);
   CheckFlat(scales, "scales", Kind::kF32, w.tiles * w.ngroups * lowbit::kTileRows, false);
-  CheckFlat(offsets, "offsets", Kind::kI32, w.tiles * w.ngroups * lowbit::kTileRows, false);
   w.data = static_cast<const uint8_t*>(data.data());
   w.scales = static_cast<const float*>(scales.data());
-  w.offsets = static_cast<const int32_t*>(offsets.data());
+  if (!offsets_obj.is_none()) {  // None: symmetric weights (offset 2^(bits-1))
+    const py::array offsets = offsets_obj.cast<py::array>();
+    CheckFlat(offsets, "offsets", Kind::kI32, w.tiles * w.ngroups * lowbit::kTileRows, false);
+    w.offsets = static_cast<const int32_t*>(offsets.data());
+  }
   return w;
 }
 
 void PackTiled(const py::array& codes, int bits, bool symmetric, size_t group, const py::array& scales,
-               py::object zps_obj, py::array data, py::array tscales, py::array toffs) {
+               py::object zps_obj, py::array data, py::array tscales, py::object toffs_obj) {
   if (codes.ndim() != 2) Fail("codes must be 2-D");
   const size_t n = codes.shape(0), k = codes.shape(1);
   if (!(codes.flags() & py::array::c_style) || codes.itemsize() != 1) Fail("codes must be C-contiguous int8/uint8");
-  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, tscales, toffs);
+  if (symmetric != toffs_obj.is_none()) Fail("tile_offsets must be None exactly when symmetric");
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, tscales, toffs_obj);
   CheckFlat(data, "data", Kind::kU8, data.size(), true);
   CheckFlat(tscales, "scales", Kind::kF32, tscales.size(), true);
-  CheckFlat(toffs, "offsets", Kind::kI32, toffs.size(), true);
+  int32_t* to = nullptr;
+  py::array toffs;
+  if (!symmetric) {
+    toffs = toffs_obj.cast<py::array>();
+    CheckFlat(toffs, "offsets", Kind::kI32, toffs.size(), true);
+    to = static_cast<int32_t*>(toffs.mutable_data());
+  }
   CheckFlat(scales, "scales", Kind::kF32, n * w.ngroups, false);
   const uint8_t* zps = nullptr;
   py::array zarr;
@@ -309,7 +319,6 @@ void PackTiled(const py::array& codes, int bits, bool symmetric, size_t group, c
   const uint8_t* c = static_cast<const uint8_t*>(codes.data());
   const float* s = static_cast<const float*>(scales.data());
   float* ts = static_cast<float*>(tscales.mutable_data());
-  int32_t* to = static_cast<int32_t*>(toffs.mutable_data());
   py::gil_scoped_release release;
   lowbit::PackTiled(c, n, k, bits, symmetric, group, s, zps, d, ts, to);
 }
@@ -322,7 +331,7 @@ void CheckOut(const py::array& out, size_t m, size_t n) {
 }
 
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
-                    const py::array& scales, const py::array& offsets, py::array out) {
+                    const py::array& scales, const py::object& offsets, py::array out) {
   const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t m = x.shape(0);
@@ -341,7 +350,7 @@ bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t gro
 }
 
 void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
-                    const py::array& scales, const py::array& offsets, py::array out) {
+                    const py::array& scales, const py::object& offsets, py::array out) {
   const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t m = x.shape(0);
@@ -433,12 +442,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("pack_tiled", &PackTiled, py::arg("codes"), py::arg("bits"), py::arg("symmetric"),
         py::arg("group"), py::arg("scales"), py::arg("zero_points").none(true),
-        py::arg("data").noconvert(), py::arg("tile_scales").noconvert(), py::arg("tile_offsets").noconvert());
+        py::arg("data").noconvert(), py::arg("tile_scales").noconvert(), py::arg("tile_offsets").none(true));
   m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets"), py::arg("out").noconvert(),
+        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
         "int8 per-token activations x tiled weights; returns False if x held NaN.");
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets"), py::arg("out").noconvert());
+        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert());
   m.def("vnni_active", &lowbit::VnniActive);
   m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
   m.def("set_num_threads", [](int n) {

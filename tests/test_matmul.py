@@ -139,10 +139,31 @@ def test_qarray_input_warns_once(rng):
      ValueError, "multiple of 8"),
     (lambda q, pw: lowbit.pack_weights(lowbit.quantize_array(np.ones((2, 4, 32), np.float32), bits=8)), ValueError, "2-D"),
     (lambda q, pw: _C.matmul_float_act(np.ones((2, 32), np.float32), 4, 16, 32, 32, pw.data[:-1], pw.scales.reshape(-1),
-                                       pw.offsets.reshape(-1), np.empty((2, 16), np.float32)), ValueError, "data"),
+                                       None, np.empty((2, 16), np.float32)), ValueError, "data"),
 ])
 def test_bad_input(call, exc, word):
     q = lowbit.quantize_array(np.ones((16, 32), np.float32), bits=4, group_size=32)
     pw = lowbit.pack_weights(q)
     with pytest.raises(exc, match=word):
         call(q, pw)
+
+
+def test_int32_overflow_bound_is_enforced():
+    """Per-group int32 sums are exact for groups of up to 65536 codes
+    (65536 * 255 * 127 < 2^31); longer per-row int8 rows are rejected, not wrapped."""
+    k = 65536 + 8
+    q = lowbit.quantize_array(np.ones((16, k), np.float32), bits=8)
+    with pytest.raises(ValueError, match="65536"):
+        lowbit.matmul(np.ones((1, k), np.float32), lowbit.pack_weights(q), act_bits=8)
+    # The float path has no such limit.
+    y = lowbit.matmul(np.ones((1, k), np.float32), lowbit.pack_weights(q))
+    np.testing.assert_allclose(y, k, rtol=1e-4)
+
+
+def test_threads_env_default(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import lowbit; print(lowbit.get_num_threads())"],
+                         env={**__import__("os").environ, "LOWBIT_NUM_THREADS": "3"},
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "3"

@@ -86,7 +86,8 @@
 //   so each 32-bit lane is one row and a 64-byte block is one AVX-512 vector
 //   (two AVX2 or four SSE vectors), the operand order of vpdpbusd (unsigned
 //   weights x signed activations, 4 products summed per lane).
-//   Scales: float32 [Nt, ngroups, 16]; offsets off: int32 [Nt, ngroups, 16].
+//   Scales: float32 [Nt, ngroups, 16]; offsets off: int32 [Nt, ngroups, 16],
+//   stored for asymmetric weights only (symmetric: off = 2^(b-1) everywhere).
 //   Integer accumulation: |u * x| <= 255 * 127 per product, so a group's
 //   int32 sum cannot overflow for G <= 65536 (the kernels reject larger).
 //

@@ -74,11 +74,12 @@ struct TiledWeights {
   size_t ngroups = 0, tiles = 0;
   const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
   const float* scales = nullptr;    // [tiles, ngroups, 16]
-  const int32_t* offsets = nullptr; // [tiles, ngroups, 16]
+  const int32_t* offsets = nullptr; // [tiles, ngroups, 16]; null: all 2^(bits-1) (symmetric)
 };
 
 // Builds the tiled layout from unpacked codes [N, K] (int8 when symmetric,
-// uint8 otherwise), scales [N, ngroups] and zero points [N, ngroups] (asymmetric).
+// uint8 otherwise), scales [N, ngroups] and zero points [N, ngroups] (asymmetric;
+// tile_offsets is null for symmetric weights).
 void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetric, size_t group,
                const float* scales, const uint8_t* zps, uint8_t* data, float* tile_scales,
                int32_t* tile_offsets);

@@ -92,6 +92,12 @@ bool QuantizeActivationsImpl(const float* x, size_t m, size_t k, size_t x_stride
   return ok;
 }
 
+// Offsets of 16 rows: symmetric weights have none stored (all 2^(bits-1)), which
+// saves 4 bytes per group and row of traffic (6% of an int4 g128 GEMV).
+HWY_INLINE VI LoadOffsets(const TiledWeights& w, size_t idx) {
+  return w.offsets ? hn::LoadU(DI(), w.offsets + idx) : hn::Set(DI(), 1 << (w.bits - 1));
+}
+
 // ---------------------------------------------------------------- int dot step
 
 // acc += sum over the 4 bytes of each 32-bit lane of w (unsigned) * x (signed).
@@ -191,7 +197,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
         const auto scale = hn::LoadU(df, w.scales + idx);
-        const auto off = hn::LoadU(di, w.offsets + idx);
+        const auto off = LoadOffsets(w, idx);
         for (size_t r = 0; r < MR; ++r) {
           const auto corr = hn::Mul(off, hn::Set(di, xsum[r * w.ngroups + g]));
           const auto exact = hn::ConvertTo(df, hn::Sub(iacc[r][t * kVecs + v], corr));
@@ -289,7 +295,7 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     VI off[NT * kVecs];
     for (size_t t = 0; t < NT; ++t)
       for (size_t v = 0; v < kVecs; ++v)
-        off[t * kVecs + v] = hn::LoadU(di, w.offsets + ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes);
+        off[t * kVecs + v] = LoadOffsets(w, ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes);
     for (size_t r = 0; r < MR; ++r)
       for (size_t v = 0; v < NT * kVecs; ++v) gacc[r][v] = hn::Zero(df);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
@@ -362,7 +368,7 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
         const auto scale = hn::LoadU(df, w.scales + idx);
-        const auto off = hn::LoadU(di, w.offsets + idx);
+        const auto off = LoadOffsets(w, idx);
         const auto lanes = hn::LoadU(di, reinterpret_cast<const int32_t*>(blk) + v * kLanes);
         for (size_t j = 0; j < kStep; ++j) {
           const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
@@ -521,7 +527,7 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
           const size_t idx = (t * ngroups + g) * kTileRows + i;
           const int off = row >= n ? bias : (symmetric ? bias : zps[row * ngroups + g]);
           tile_scales[idx] = row < n ? scales[row * ngroups + g] : 0.0f;
-          tile_offsets[idx] = off;
+          if (tile_offsets) tile_offsets[idx] = off;
         }
         for (size_t kk = 0; kk < kp; ++kk) {
           int u;
@@ -529,7 +535,7 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
             u = symmetric ? static_cast<int>(static_cast<int8_t>(codes[row * k + kk])) + bias : codes[row * k + kk];
           } else {  // padding: the true value 0
             const size_t g = std::min(kk / gp, ngroups - 1);
-            u = tile_offsets[(t * ngroups + g) * kTileRows + i];
+            u = tile_offsets ? tile_offsets[(t * ngroups + g) * kTileRows + i] : bias;
           }
           const size_t kb = kk / step, j = kk % step;
           uint8_t* byte = data + t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4);

@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <memory>
@@ -15,7 +16,15 @@ namespace lowbit {
 namespace {
 
 int DefaultThreads() {
-  // Respect the affinity mask (taskset, cgroups) rather than the machine size.
+  // LOWBIT_NUM_THREADS, else OMP_NUM_THREADS (what torch and NumPy's BLAS obey,
+  // so lowbit inside a torch program does not add threads on top of theirs),
+  // else the CPUs the affinity mask allows (taskset, cgroups).
+  for (const char* var : {"LOWBIT_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    if (const char* v = std::getenv(var)) {
+      const int n = std::atoi(v);
+      if (n >= 1) return n;
+    }
+  }
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
   return std::max(1u, std::thread::hardware_concurrency());

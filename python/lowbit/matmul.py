@@ -31,7 +31,7 @@ class PackedWeights:
 
     data: np.ndarray      # uint8 [tiles * Kp / kstep * 64]
     scales: np.ndarray    # float32 [tiles, ngroups, 16]
-    offsets: np.ndarray   # int32 [tiles, ngroups, 16]
+    offsets: Optional[np.ndarray]  # int32 [tiles, ngroups, 16]; None when symmetric
     shape: tuple          # (N, K)
     bits: int
     group_size: Optional[int]  # None: per row
@@ -39,7 +39,7 @@ class PackedWeights:
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes + self.offsets.nbytes
+        return self.data.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
 
     @property
     def bits_per_weight(self) -> float:
@@ -49,6 +49,10 @@ class PackedWeights:
     def kp(self) -> int:
         step = KSTEP[self.bits]
         return (self.shape[1] + step - 1) // step * step
+
+    @property
+    def _offsets_flat(self):
+        return None if self.offsets is None else self.offsets.reshape(-1)
 
     @property
     def _group(self) -> int:
@@ -66,7 +70,7 @@ def pack_weights(q: QArray) -> PackedWeights:
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
     >>> pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
     >>> pw
-    PackedWeights(shape=(32, 64), int4, group 32, 2560 bytes)
+    PackedWeights(shape=(32, 64), int4, group 32, 1536 bytes)
     """
     if not isinstance(q, QArray):
         raise TypeError(f"q must be a QArray, got {type(q).__name__}")
@@ -89,10 +93,11 @@ def pack_weights(q: QArray) -> PackedWeights:
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
     data = np.empty(tiles * (kp // step) * 64, np.uint8)
     tscales = np.empty((tiles, ngroups, TILE_ROWS), np.float32)
-    toffs = np.empty((tiles, ngroups, TILE_ROWS), np.int32)
+    toffs = None if q.symmetric else np.empty((tiles, ngroups, TILE_ROWS), np.int32)
     codes = np.ascontiguousarray(q.codes())
     _C.pack_tiled(codes.view(np.uint8), q.bits, q.symmetric, k if group is None else group,
-                  np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1), toffs.reshape(-1))
+                  np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1),
+                  None if toffs is None else toffs.reshape(-1))
     return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric)
 
 
@@ -152,14 +157,13 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     out = np.empty((m, n), np.float32)
     group = w._group
     if act_bits == 8:
-        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1),
-                                   w.offsets.reshape(-1), out):
+        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out):
             raise ValueError("x contains NaN")
     else:
         if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns
             padded = np.zeros((m, w.kp), np.float32)
             padded[:, :k] = x2
             x2 = padded
-        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w.offsets.reshape(-1), out)
+        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out)
     return out[0] if vector else out
 

@@ -13,6 +13,27 @@ from .runtime import cpu_target, get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
+# The PyTorch layer loads on first use, so NumPy-only users never import torch.
+_TORCH_API = {
+    "quantize": ("quantize", "quantize"),
+    "summary": ("quantize", "summary"),
+    "QuantConfig": ("config", "QuantConfig"),
+    "nn": ("nn", None),
+    "ops": ("ops", None),
+    "fake_quantize": ("torch_api", "fake_quantize"),
+}
+
+
+def __getattr__(name):
+    if name in _TORCH_API:
+        import importlib
+        module, attr = _TORCH_API[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        value = mod if attr is None else getattr(mod, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
 __all__ = [
     "QArray", "quantize_array", "dequantize_array", "sqnr_db",
     "encode_float", "decode_float",

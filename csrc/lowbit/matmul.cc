@@ -381,66 +381,72 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
   }
 }
 
-// acc rows [MR][32] (acc_stride apart) += x[MR rows][k0 .. k0 + nk) * buf.
+// acc [MR][32] += panel[k][MR] (x, packed) * buf[k][32] over nk values of k.
 template <size_t MR>
-HWY_INLINE void FmaBlock(const float* x, size_t x_stride, const float* buf, size_t nk, float* acc,
-                         size_t acc_stride) {
+HWY_INLINE void FmaPanel(const float* panel, const float* buf, size_t nk, float* acc) {
   const DF df;
   constexpr size_t kV = 2 * kVecs;
   VF a[MR][kV];
   for (size_t r = 0; r < MR; ++r)
-    for (size_t v = 0; v < kV; ++v) a[r][v] = hn::LoadU(df, acc + r * acc_stride + v * kLanes);
+    for (size_t v = 0; v < kV; ++v) a[r][v] = hn::Load(df, acc + r * 32 + v * kLanes);
   for (size_t k = 0; k < nk; ++k) {
     VF wv[kV];
     for (size_t v = 0; v < kV; ++v) wv[v] = hn::Load(df, buf + k * 32 + v * kLanes);
     for (size_t r = 0; r < MR; ++r) {
-      const auto xb = hn::Set(df, x[r * x_stride + k]);
+      const auto xb = hn::Set(df, panel[k * MR + r]);
       for (size_t v = 0; v < kV; ++v) a[r][v] = hn::MulAdd(wv[v], xb, a[r][v]);
     }
   }
   for (size_t r = 0; r < MR; ++r)
-    for (size_t v = 0; v < kV; ++v) hn::StoreU(a[r][v], df, acc + r * acc_stride + v * kLanes);
+    for (size_t v = 0; v < kV; ++v) hn::Store(a[r][v], df, acc + r * 32 + v * kLanes);
 }
 
 template <int kBits>
 void FloatGemm(const float* x, size_t m, size_t x_stride, const TiledWeights& w, float* out,
                size_t out_stride) {
   // Cache blocking for L2 (1 MiB on Zen 4, 2 MiB on Sapphire Rapids): K is walked
-  // in blocks whose slice of x (m x kb floats, <= 256 KiB) is reused by a run of
-  // tile pairs whose outputs (m x 32 floats each, <= 256 KiB in all) stay put.
-  // Without it x streams from L3 once per tile pair and the FMA loop runs at
-  // half speed (M = 128, K = 4096).
-  const size_t kb = std::max(kChunkK, (size_t(1) << 16) / std::max<size_t>(1, m) / kChunkK * kChunkK);
-  const size_t run = std::max<size_t>(1, (size_t(1) << 16) / (std::max<size_t>(1, m) * 32));
+  // in blocks whose slice of x is copied into a panel ([row block][k][8 rows],
+  // <= 256 KiB) that a run of tile pairs reuses while their accumulators
+  // (<= 512 KiB) stay put. The panel makes the 8 broadcasts of a step one cache
+  // line instead of 8 rows K floats apart, which alias in L1 when K is a power
+  // of two (M = 512, K = 4096: 2x).
+  constexpr size_t MR = kFloatMR;
+  const size_t mpad = (m + MR - 1) / MR * MR;
+  const size_t kb = std::max(kChunkK, (size_t(1) << 16) / mpad / kChunkK * kChunkK);
+  const size_t run = std::max<size_t>(1, (size_t(1) << 17) / (mpad * 32));  // <= 512 KiB of sums
   const size_t pairs = (w.tiles + 1) / 2;
   ParallelFor(pairs, 1, [&](size_t p0, size_t p1) {
-    // Full tile pairs accumulate straight into out; a pair cut by N uses a side buffer.
     auto buf = hwy::AllocateAligned<float>(kChunkK * 32);
-    const bool cut = 2 * p1 * kTileRows > w.n;
-    auto side = hwy::AllocateAligned<float>(cut ? m * 32 : 1);
-    if (cut) std::fill(side.get(), side.get() + m * 32, 0.0f);
-    const size_t c0 = 2 * p0 * kTileRows, c1 = std::min(w.n, 2 * p1 * kTileRows);
-    for (size_t r = 0; r < m; ++r) std::fill(out + r * out_stride + c0, out + r * out_stride + c1, 0.0f);
-    for (size_t q0 = p0; q0 < p1; q0 += run)
-    for (size_t kb0 = 0; kb0 < w.kp; kb0 += kb) {
-      for (size_t p = q0; p < std::min(p1, q0 + run); ++p) {
-        const size_t t0 = 2 * p, nt = std::min<size_t>(2, w.tiles - t0);
-        const bool in_side = 2 * (p + 1) * kTileRows > w.n;
-        float* pacc = in_side ? side.get() : out + 2 * p * kTileRows;
-        const size_t stride = in_side ? 32 : out_stride;
-        for (size_t k0 = kb0; k0 < std::min(w.kp, kb0 + kb); k0 += kChunkK) {
-          const size_t nk = std::min(kChunkK, w.kp - k0);
-          DequantChunk<kBits>(w, t0, nt, k0, nk, buf.get());
-          size_t r = 0;
-          for (; r + kFloatMR <= m; r += kFloatMR)
-            FmaBlock<kFloatMR>(x + r * x_stride + k0, x_stride, buf.get(), nk, pacc + r * stride, stride);
-          for (; r < m; ++r) FmaBlock<1>(x + r * x_stride + k0, x_stride, buf.get(), nk, pacc + r * stride, stride);
+    auto panel = hwy::AllocateAligned<float>(mpad * std::min(kb, w.kp));
+    auto acc = hwy::AllocateAligned<float>(std::min(run, p1 - p0) * mpad * 32);
+    for (size_t q0 = p0; q0 < p1; q0 += run) {
+      const size_t nrun = std::min(run, p1 - q0);
+      std::fill(acc.get(), acc.get() + nrun * mpad * 32, 0.0f);
+      for (size_t kb0 = 0; kb0 < w.kp; kb0 += kb) {
+        const size_t kbn = std::min(kb, w.kp - kb0);
+        for (size_t rb = 0; rb < mpad / MR; ++rb) {
+          float* dst = panel.get() + rb * kbn * MR;
+          const float* src[MR];
+          for (size_t i = 0; i < MR; ++i) src[i] = rb * MR + i < m ? x + (rb * MR + i) * x_stride + kb0 : nullptr;
+          for (size_t k = 0; k < kbn; ++k)
+            for (size_t i = 0; i < MR; ++i) dst[k * MR + i] = src[i] ? src[i][k] : 0.0f;
+        }
+        for (size_t p = q0; p < q0 + nrun; ++p) {
+          const size_t t0 = 2 * p, nt = std::min<size_t>(2, w.tiles - t0);
+          float* pacc = acc.get() + (p - q0) * mpad * 32;
+          for (size_t k0 = kb0; k0 < kb0 + kbn; k0 += kChunkK) {
+            const size_t nk = std::min(kChunkK, kb0 + kbn - k0);
+            DequantChunk<kBits>(w, t0, nt, k0, nk, buf.get());
+            for (size_t rb = 0; rb < mpad / MR; ++rb)
+              FmaPanel<MR>(panel.get() + (rb * kbn + (k0 - kb0)) * MR, buf.get(), nk, pacc + rb * MR * 32);
+          }
         }
       }
-    }
-    if (cut) {
-      const size_t n0 = 2 * (p1 - 1) * kTileRows;
-      for (size_t r = 0; r < m; ++r) std::memcpy(out + r * out_stride + n0, side.get() + r * 32, (w.n - n0) * sizeof(float));
+      for (size_t p = q0; p < q0 + nrun; ++p) {
+        const size_t n0 = 2 * p * kTileRows, cols = std::min(2 * kTileRows, w.n - n0);
+        const float* pacc = acc.get() + (p - q0) * mpad * 32;
+        for (size_t r = 0; r < m; ++r) std::memcpy(out + r * out_stride + n0, pacc + r * 32, cols * sizeof(float));
+      }
     }
   });
 }

@@ -330,9 +330,23 @@ void CheckOut(const py::array& out, size_t m, size_t n) {
   if (!out.writeable() || !(out.flags() & py::array::c_style)) Fail("out must be writable and C-contiguous");
 }
 
+// Bias padded to whole tiles (the kernels add it in their final store).
+std::vector<float> PaddedBias(const py::object& bias_obj, const lowbit::TiledWeights& w) {
+  std::vector<float> padded;
+  if (bias_obj.is_none()) return padded;
+  const py::array bias = bias_obj.cast<py::array>();
+  CheckFlat(bias, "bias", Kind::kF32, w.n, false);
+  padded.assign(w.tiles * lowbit::kTileRows, 0.0f);
+  std::memcpy(padded.data(), bias.data(), w.n * sizeof(float));
+  return padded;
+}
+
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
-                    const py::array& scales, const py::object& offsets, py::array out) {
-  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+                    const py::array& scales, const py::object& offsets, py::array out,
+                    const py::object& bias) {
+  lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+  const std::vector<float> b = PaddedBias(bias, w);
+  if (!b.empty()) w.bias = b.data();
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t m = x.shape(0);
   if (static_cast<size_t>(x.shape(1)) != k) Fail("x must have K=" + std::to_string(k) + " columns");
@@ -350,8 +364,11 @@ bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t gro
 }
 
 void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
-                    const py::array& scales, const py::object& offsets, py::array out) {
-  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+                    const py::array& scales, const py::object& offsets, py::array out,
+                    const py::object& bias) {
+  lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+  const std::vector<float> b = PaddedBias(bias, w);
+  if (!b.empty()) w.bias = b.data();
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t m = x.shape(0);
   if (static_cast<size_t>(x.shape(1)) != w.kp)
@@ -445,9 +462,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("data").noconvert(), py::arg("tile_scales").noconvert(), py::arg("tile_offsets").none(true));
   m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
+        py::arg("bias").none(true) = py::none(),
         "int8 per-token activations x tiled weights; returns False if x held NaN.");
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert());
+        py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
+        py::arg("bias").none(true) = py::none());
   m.def("vnni_active", &lowbit::VnniActive);
   m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
   m.def("set_num_threads", [](int n) {

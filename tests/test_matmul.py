@@ -167,3 +167,16 @@ def test_threads_env_default(tmp_path):
                          env={**__import__("os").environ, "LOWBIT_NUM_THREADS": "3"},
                          capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "3"
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_fused_bias_equals_adding_afterwards(dot_path, rng, m, act_bits):
+    w = rng.standard_normal((37, 96)).astype(np.float32)
+    b = rng.standard_normal(37).astype(np.float32)
+    x = rng.standard_normal((m, 96)).astype(np.float32)
+    pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
+    np.testing.assert_array_equal(lowbit.matmul(x, pw, act_bits=act_bits, bias=b),
+                                  lowbit.matmul(x, pw, act_bits=act_bits) + b)
+    with pytest.raises(ValueError, match="bias"):
+        lowbit.matmul(x, pw, bias=b[:-1])

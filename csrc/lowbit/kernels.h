@@ -75,6 +75,7 @@ struct TiledWeights {
   const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
   const float* scales = nullptr;    // [tiles, ngroups, 16]
   const int32_t* offsets = nullptr; // [tiles, ngroups, 16]; null: all 2^(bits-1) (symmetric)
+  const float* bias = nullptr;      // [tiles * 16] (zero padded) added to every output row, or null
 };
 
 // Builds the tiled layout from unpacked codes [N, K] (int8 when symmetric,

@@ -30,10 +30,12 @@ int DefaultThreads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Spin this many pause instructions (~50-100 us) before sleeping: waking a
+// Spin this many pause instructions (~10-20 us) before sleeping: waking a
 // sleeping thread through a futex costs ~40 us on this VM, as long as a small
-// matmul, while kernels are often called back to back (a layer's matmuls).
-constexpr int kSpinPauses = 2000;
+// matmul, and one call often dispatches twice (activations, then the matmul).
+// Longer spins steal the core from torch's own threads between lowbit calls
+// (MiniLM batch 32 lost 10% with 100 us).
+constexpr int kSpinPauses = 400;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)

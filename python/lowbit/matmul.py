@@ -104,8 +104,9 @@ def pack_weights(q: QArray) -> PackedWeights:
 _warned_unpacked = False
 
 
-def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, input_dtype=None) -> np.ndarray:
-    """``x @ dequant(w).T`` as float32.
+def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,
+           input_dtype=None) -> np.ndarray:
+    """``x @ dequant(w).T`` (+ ``bias``) as float32.
 
     Args:
       x: activations [M, K] (or [K]) in float32, float16 or bfloat16 (bfloat16 as
@@ -114,6 +115,8 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
         QArray (packed on every call, with a one-time warning: pack once instead).
       act_bits: None for float activations (weight-only), or 8 to quantize each row
         of x to int8 (amax / 127) and use integer dot products.
+      bias: optional float32 [N], added in the kernels' final store (same rounding
+        as adding it afterwards, one pass less).
 
     >>> import numpy as np, lowbit
     >>> rng = np.random.default_rng(0)
@@ -146,7 +149,7 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     if x2.shape[1] != k:
         raise ValueError(f"x has {x2.shape[1]} columns but w has K={k}")
     if x2.shape[0] == 0:
-        return np.zeros((0, n) if not vector else (n,), np.float32)
+        return np.zeros((0, n), np.float32)
     if dname == "bfloat16":
         x2 = decode_float(np.ascontiguousarray(x2), "bfloat16")
     elif dname == "float16":
@@ -154,17 +157,22 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     if x2.strides[1] != 4 or x2.strides[0] % 4 or x2.strides[0] < 0:
         x2 = np.ascontiguousarray(x2)
     m = x2.shape[0]
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.dtype != np.float32 or bias.shape != (n,):
+            raise ValueError(f"bias must be float32 of shape ({n},), got {bias.dtype} {bias.shape}")
+        bias = np.ascontiguousarray(bias)
     out = np.empty((m, n), np.float32)
     group = w._group
     if act_bits == 8:
-        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out):
+        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias):
             raise ValueError("x contains NaN")
     else:
         if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns
             padded = np.zeros((m, w.kp), np.float32)
             padded[:, :k] = x2
             x2 = padded
-        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out)
+        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias)
     return out[0] if vector else out
 
 

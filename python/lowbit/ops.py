@@ -100,18 +100,24 @@ def _(packed, scales, zero_points, k, bits, group_size, symmetric, dtype):
 
 
 # ---------------------------------------------------------------- linear
-@torch.library.custom_op("lowbit::linear", mutates_args=())
-def linear(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
-           n: int, k: int, bits: int, group_size: int, act_bits: int) -> Tensor:
-    """y = x @ dequant(W).T (+ bias) over tiled weights (lowbit.pack_weights), in x's dtype."""
+def linear_impl(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
+                n: int, k: int, bits: int, group_size: int, act_bits: int) -> Tensor:
+    """The body of lowbit::linear; QuantLinear calls it directly in eager inference,
+    where the custom-op dispatch (~100 us) would cost more than a small layer."""
     w = _packed(data, scales, offsets, n, k, bits, group_size)
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    y = torch.from_numpy(matmul(_np(x2), w, act_bits=act_bits or None))
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    y = matmul(_np(x2), w, act_bits=act_bits or None, bias=None if bias is None else _np(bias.float()))
+    out = torch.from_numpy(y)
+    return (out if x.dtype == torch.float32 else out.to(x.dtype)).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("lowbit::linear", mutates_args=())
+def linear(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
+           n: int, k: int, bits: int, group_size: int, act_bits: int) -> Tensor:
+    """y = x @ dequant(W).T (+ bias) over tiled weights (lowbit.pack_weights), in x's dtype."""
+    return linear_impl(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits)
 
 
 @linear.register_fake

@@ -13,6 +13,15 @@ from ..config import QuantConfig
 from ..matmul import PackedWeights, dequantize_packed, pack_weights
 
 
+def _eager_inference(x: torch.Tensor, bias) -> bool:
+    """True outside tracing/compilation when no gradient is needed and x is a plain CPU tensor."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not torch._C._is_torch_function_mode_enabled() and not torch.jit.is_tracing()
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h).
 
@@ -52,8 +61,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return torch.ops.lowbit.linear(x, self.data, self.scales, self.offsets, self.bias, self.out_features,
-                                       self.in_features, c.bits, c.group_size or 0, c.act_bits or 0)
+        args = (x, self.data, self.scales, self.offsets, self.bias, self.out_features, self.in_features, c.bits,
+                c.group_size or 0, c.act_bits or 0)
+        if _eager_inference(x, self.bias):
+            return ops.linear_impl(*args)  # same function, without the dispatcher round trip
+        return torch.ops.lowbit.linear(*args)
 
     def packed(self) -> PackedWeights:
         c = self.config

@@ -341,43 +341,54 @@ std::vector<float> PaddedBias(const py::object& bias_obj, const lowbit::TiledWei
   return padded;
 }
 
+// A validated matmul call: tiled weights (with the padded bias attached), x and out.
+struct MatmulCall {
+  lowbit::TiledWeights w;
+  std::vector<float> bias;  // owns what w.bias points to
+  size_t m = 0, x_stride = 0;
+  const float* x = nullptr;
+  float* out = nullptr;
+};
+
+// x must have K columns, or Kp (K padded to the k-step) when padded_x.
+void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, size_t n, size_t k, size_t group,
+                   const py::array& data, const py::array& scales, const py::object& offsets, py::array& out,
+                   const py::object& bias) {
+  c.w = Tiled(bits, n, k, group, data, scales, offsets);
+  c.bias = PaddedBias(bias, c.w);
+  if (!c.bias.empty()) c.w.bias = c.bias.data();
+  c.x_stride = CheckRows(x, "x", Kind::kF32, false);
+  c.m = x.shape(0);
+  const size_t cols = padded_x ? c.w.kp : k;
+  if (static_cast<size_t>(x.shape(1)) != cols)
+    Fail("x must have " + std::to_string(cols) + (padded_x ? " columns (K zero-padded to the k-step)" : " columns"));
+  CheckOut(out, c.m, n);
+  c.x = static_cast<const float*>(x.data());
+  c.out = static_cast<float*>(out.mutable_data());
+}
+
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
                     const py::object& bias) {
-  lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
-  const std::vector<float> b = PaddedBias(bias, w);
-  if (!b.empty()) w.bias = b.data();
-  const size_t stride = CheckRows(x, "x", Kind::kF32, false);
-  const size_t m = x.shape(0);
-  if (static_cast<size_t>(x.shape(1)) != k) Fail("x must have K=" + std::to_string(k) + " columns");
-  CheckOut(out, m, n);
-  std::vector<int8_t> xq(m * w.kp);
-  std::vector<float> xs(m);
-  std::vector<int32_t> xsum(m * w.ngroups);
-  const float* px = static_cast<const float*>(x.data());
-  float* po = static_cast<float*>(out.mutable_data());
+  MatmulCall c;
+  PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias);
+  std::vector<int8_t> xq(c.m * c.w.kp);
+  std::vector<float> xs(c.m);
+  std::vector<int32_t> xsum(c.m * c.w.ngroups);
   py::gil_scoped_release release;
-  if (!lowbit::QuantizeActivations(px, m, k, stride, w.kp, w.group, xq.data(), xs.data(), xsum.data()))
+  if (!lowbit::QuantizeActivations(c.x, c.m, k, c.x_stride, c.w.kp, c.w.group, xq.data(), xs.data(), xsum.data()))
     return false;
-  lowbit::MatmulQuantAct(xq.data(), xs.data(), xsum.data(), m, w, po, n);
+  lowbit::MatmulQuantAct(xq.data(), xs.data(), xsum.data(), c.m, c.w, c.out, n);
   return true;
 }
 
 void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
                     const py::object& bias) {
-  lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
-  const std::vector<float> b = PaddedBias(bias, w);
-  if (!b.empty()) w.bias = b.data();
-  const size_t stride = CheckRows(x, "x", Kind::kF32, false);
-  const size_t m = x.shape(0);
-  if (static_cast<size_t>(x.shape(1)) != w.kp)
-    Fail("x must have " + std::to_string(w.kp) + " columns (K zero-padded to the k-step)");
-  CheckOut(out, m, n);
-  const float* px = static_cast<const float*>(x.data());
-  float* po = static_cast<float*>(out.mutable_data());
+  MatmulCall c;
+  PrepareMatmul(c, x, true, bits, n, k, group, data, scales, offsets, out, bias);
   py::gil_scoped_release release;
-  lowbit::MatmulFloatAct(px, m, stride, w, po, n);
+  lowbit::MatmulFloatAct(c.x, c.m, c.x_stride, c.w, c.out, n);
 }
 
 py::dict CpuFeatures() {

@@ -3,14 +3,16 @@ import doctest
 
 import pytest
 
-import lowbit.arrays
-import lowbit.fake_quant
-import lowbit.floats
-import lowbit.runtime
+import importlib
+
+import lowbit
+
+# By module path: lowbit.matmul is also the function's name.
+MODULES = [importlib.import_module(f"lowbit.{name}") for name in
+           ("arrays", "floats", "fake_quant", "runtime", "matmul", "api", "torch_api")]
 
 
-@pytest.mark.parametrize("module", [lowbit.arrays, lowbit.floats, lowbit.fake_quant, lowbit.runtime],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{module.__name__} has no examples"

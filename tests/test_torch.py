@@ -164,3 +164,10 @@ def test_fake_quantize_matches_torch():
     yt.sum().backward()
     torch.testing.assert_close(y, yt, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, xt.grad, rtol=0, atol=0)
+
+
+def test_module_imports_do_not_shadow_api_functions():
+    import importlib
+    for name in ("api", "matmul", "ops", "torch_api", "config", "nn"):
+        importlib.import_module(f"lowbit.{name}")
+    assert callable(lowbit.quantize) and callable(lowbit.matmul) and callable(lowbit.summary)

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 # The PyTorch layer loads on first use, so NumPy-only users never import torch.
 _TORCH_API = {
-    "quantize": ("quantize", "quantize"),
-    "summary": ("quantize", "summary"),
+    "quantize": ("api", "quantize"),
+    "summary": ("api", "summary"),
     "QuantConfig": ("config", "QuantConfig"),
     "nn": ("nn", None),
     "ops": ("ops", None),

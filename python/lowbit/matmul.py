@@ -70,7 +70,7 @@ def pack_weights(q: QArray) -> PackedWeights:
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
     >>> pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
     >>> pw
-    PackedWeights(shape=(32, 64), int4, group 32, 1536 bytes)
+    PackedWeights(shape=(32, 64), int4, group 32, 1280 bytes)
     """
     if not isinstance(q, QArray):
         raise TypeError(f"q must be a QArray, got {type(q).__name__}")

@@ -28,7 +28,13 @@ def __getattr__(name):
     if name in _TORCH_API:
         import importlib
         module, attr = _TORCH_API[name]
-        mod = importlib.import_module(f".{module}", __name__)
+        try:
+            mod = importlib.import_module(f".{module}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise ImportError(f"lowbit.{name} needs PyTorch: pip install 'lowbit[torch]' "
+                              "(the NumPy API works without it)") from e
         value = mod if attr is None else getattr(mod, attr)
         globals()[name] = value
         return value

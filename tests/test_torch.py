@@ -171,3 +171,16 @@ def test_module_imports_do_not_shadow_api_functions():
     for name in ("api", "matmul", "ops", "torch_api", "config", "nn"):
         importlib.import_module(f"lowbit.{name}")
     assert callable(lowbit.quantize) and callable(lowbit.matmul) and callable(lowbit.summary)
+
+
+def test_numpy_layer_works_without_torch(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, lowbit\n"
+            "q = lowbit.quantize_array(np.ones((16, 32), np.float32), bits=4, group_size=32)\n"
+            "assert lowbit.matmul(np.ones((1, 32), np.float32), lowbit.pack_weights(q)).shape == (1, 16)\n"
+            "try:\n    lowbit.quantize\nexcept ImportError as e:\n    print('IMPORT_ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORT_ERROR lowbit.quantize needs PyTorch" in out.stdout

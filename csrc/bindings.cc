@@ -208,16 +208,11 @@ lowbit::Fp8Kind Fp8(int kind) {
   return static_cast<lowbit::Fp8Kind>(kind);
 }
 
-struct ChannelView {
-  size_t outer, channels, inner;
-};
-
-ChannelView CheckChannels(const py::array& x, size_t outer, size_t channels, size_t inner,
+void CheckChannels(const py::array& x, size_t outer, size_t channels, size_t inner,
                           const py::array& scales, const py::array& zps) {
   CheckFlat(x, "x", Kind::kF32, outer * channels * inner, false);
   CheckFlat(scales, "scale", Kind::kF32, channels, false);
   CheckFlat(zps, "zero_point", Kind::kI32, channels, false);
-  return {outer, channels, inner};
 }
 
 bool FakeQuantForward(const py::array& x, size_t outer, size_t channels, size_t inner,

@@ -7,6 +7,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
 #include <atomic>
+#include <cstring>
 #include <stdexcept>
 
 #include "hwy/highway.h"
@@ -47,6 +48,29 @@ void ForEachChannelRun(size_t outer, size_t channels, size_t inner, const float*
   });
 }
 
+// One channel's constants as vectors, and the two results both directions use:
+// the rounded code r and whether zp + r lies in [qmin, qmax] (the STE mask).
+struct ChannelVecs {
+  explicit ChannelVecs(const ChannelParams& p)
+      : inv(hn::Set(DF(), p.inv)), scale(hn::Set(DF(), p.scale)), lo(hn::Set(DF(), p.lo)),
+        hi(hn::Set(DF(), p.hi)) {}
+  hn::Vec<DF> Code(hn::Vec<DF> x) const { return hn::Round(hn::Mul(x, inv)); }
+  hn::Mask<DF> InRange(hn::Vec<DF> r) const { return hn::And(hn::Ge(r, lo), hn::Le(r, hi)); }
+  hn::Vec<DF> inv, scale, lo, hi;
+};
+
+// A zero-padded stack copy for the last partial vector of a run: the tail goes
+// through the same vector code without touching memory past the caller's arrays.
+template <typename T>
+struct PaddedTail {
+  alignas(64) T buf[kF32Lanes] = {};
+  T* In(const T* src, size_t n) {
+    std::memcpy(buf, src, n * sizeof(T));
+    return buf;
+  }
+  void Out(T* dst, size_t n) const { std::memcpy(dst, buf, n * sizeof(T)); }
+};
+
 bool FakeQuantForwardImpl(const float* x, size_t outer, size_t channels, size_t inner,
                           const float* scales, const int32_t* zps, int qmin, int qmax, float* out,
                           uint8_t* mask) {
@@ -56,24 +80,30 @@ bool FakeQuantForwardImpl(const float* x, size_t outer, size_t channels, size_t 
     const DF df;
     const DI di;
     const hn::Rebind<uint8_t, DI> d8;
-    const auto vinv = hn::Set(df, p.inv), vscale = hn::Set(df, p.scale);
-    const auto vlo = hn::Set(df, p.lo), vhi = hn::Set(df, p.hi);
-    auto nan = hn::Zero(df);
-    ForEachVector<kF32Lanes>(x + off, out + off, inner, [&](const float* px, float* po) {
+    const ChannelVecs c(p);
+    auto nan = hn::Lt(c.lo, c.lo);  // all false
+    // One pass: x is loaded and rounded once for both the output and the mask.
+    auto step = [&](const float* px, float* po, uint8_t* pm) {
       const auto v = hn::LoadU(df, px);
-      nan = hn::Or(nan, hn::VecFromMask(df, hn::IsNaN(v)));
-      const auto r = hn::Round(hn::Mul(v, vinv));
-      hn::StoreU(hn::Mul(hn::Min(hn::Max(r, vlo), vhi), vscale), df, po);
-    });
-    if (mask) {
-      ForEachVector<kF32Lanes>(x + off, mask + off, inner, [&](const float* px, uint8_t* pm) {
-        const auto r = hn::Round(hn::Mul(hn::LoadU(df, px), vinv));
-        const auto in_range = hn::And(hn::Ge(r, vlo), hn::Le(r, vhi));
-        const auto bit = hn::IfThenElseZero(hn::RebindMask(di, in_range), hn::Set(di, 1));
+      nan = hn::Or(nan, hn::IsNaN(v));
+      const auto r = c.Code(v);
+      hn::StoreU(hn::Mul(hn::Min(hn::Max(r, c.lo), c.hi), c.scale), df, po);
+      if (pm) {
+        const auto bit = hn::IfThenElseZero(hn::RebindMask(di, c.InRange(r)), hn::Set(di, 1));
         hn::StoreU(hn::DemoteTo(d8, bit), d8, pm);
-      });
+      }
+    };
+    size_t i = 0;
+    for (; i + kF32Lanes <= inner; i += kF32Lanes) step(x + off + i, out + off + i, mask ? mask + off + i : nullptr);
+    if (i < inner) {
+      const size_t rem = inner - i;
+      PaddedTail<float> tx, to;
+      PaddedTail<uint8_t> tm;
+      step(tx.In(x + off + i, rem), to.buf, mask ? tm.buf : nullptr);
+      to.Out(out + off + i, rem);
+      if (mask) tm.Out(mask + off + i, rem);
     }
-    if (!hn::AllTrue(df, hn::Eq(nan, hn::Zero(df)))) ok = false;
+    if (!hn::AllFalse(df, nan)) ok = false;
   });
   return ok;
 }
@@ -84,23 +114,19 @@ void FakeQuantBackwardImpl(const float* x, const float* dy, size_t outer, size_t
   ForEachChannelRun(outer, channels, inner, scales, zps, qmin, qmax,
                     [&](size_t off, const ChannelParams& p) {
     const DF df;
-    const auto vinv = hn::Set(df, p.inv), vlo = hn::Set(df, p.lo), vhi = hn::Set(df, p.hi);
-    const float* pdy = dy + off;
+    const ChannelVecs c(p);
+    auto step = [&](const float* px, const float* pdy, float* pdx) {
+      const auto in_range = c.InRange(c.Code(hn::LoadU(df, px)));
+      hn::StoreU(hn::IfThenElseZero(in_range, hn::LoadU(df, pdy)), df, pdx);
+    };
     size_t i = 0;
-    // dy rides along with x: pass the offset through the index.
-    ForEachVector<kF32Lanes>(x + off, dx + off, inner, [&](const float* px, float* pdx) {
-      HWY_ALIGN float dyb[kF32Lanes] = {};
-      const size_t valid = std::min(kF32Lanes, inner - i);
-      const float* src = pdy + i;
-      if (valid < kF32Lanes) {
-        std::copy(src, src + valid, dyb);
-        src = dyb;
-      }
-      const auto r = hn::Round(hn::Mul(hn::LoadU(df, px), vinv));
-      const auto in_range = hn::And(hn::Ge(r, vlo), hn::Le(r, vhi));
-      hn::StoreU(hn::IfThenElseZero(in_range, hn::LoadU(df, src)), df, pdx);
-      i += kF32Lanes;
-    });
+    for (; i + kF32Lanes <= inner; i += kF32Lanes) step(x + off + i, dy + off + i, dx + off + i);
+    if (i < inner) {
+      const size_t rem = inner - i;
+      PaddedTail<float> tx, tdy, tdx;
+      step(tx.In(x + off + i, rem), tdy.In(dy + off + i, rem), tdx.buf);
+      tdx.Out(dx + off + i, rem);
+    }
   });
 }
 

@@ -12,6 +12,7 @@
 
 #include "lowbit/kernels.h"
 #include "lowbit/parallel.h"
+#include "lowbit/residency.h"
 
 namespace py = pybind11;
 using lowbit::DType;
@@ -473,6 +474,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
         py::arg("bias").none(true) = py::none());
+  // Residency of memory-mapped weights (stream.py calls these on its own file
+  // mappings only: DONTNEED on anonymous memory would zero it).
+  m.def("prefetch_pages", [](const py::array& a) {
+    if (!(a.flags() & py::array::c_style)) Fail("prefetch_pages: array must be C-contiguous");
+    const void* p = a.data();
+    const size_t n = static_cast<size_t>(a.nbytes());
+    py::gil_scoped_release release;
+    return lowbit::PrefetchPages(p, n);
+  }, py::arg("mapped"));
+  m.def("release_pages", [](const py::array& a) {
+    if (!(a.flags() & py::array::c_style)) Fail("release_pages: array must be C-contiguous");
+    const void* p = a.data();
+    const size_t n = static_cast<size_t>(a.nbytes());
+    py::gil_scoped_release release;
+    return lowbit::ReleasePages(p, n);
+  }, py::arg("mapped"));
   m.def("vnni_active", &lowbit::VnniActive);
   m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
   m.def("set_num_threads", [](int n) {

@@ -8,6 +8,7 @@ time for the CPU.
 from .arrays import QArray, dequantize_array, quantize_array, sqnr_db
 from .fake_quant import fake_quantize_array, fake_quantize_backward_array
 from .floats import decode_float, encode_float
+from .io import FormatError, read_info
 from .matmul import PackedWeights, matmul, pack_weights
 from .runtime import cpu_target, get_num_threads, set_num_threads
 
@@ -21,6 +22,8 @@ _TORCH_API = {
     "nn": ("nn", None),
     "ops": ("ops", None),
     "fake_quantize": ("torch_api", "fake_quantize"),
+    "save": ("io", "save"),
+    "load": ("io", "load"),
 }
 
 
@@ -46,4 +49,5 @@ __all__ = [
     "PackedWeights", "pack_weights", "matmul",
     "fake_quantize_array", "fake_quantize_backward_array",
     "cpu_target", "get_num_threads", "set_num_threads",
+    "read_info", "FormatError",
 ]

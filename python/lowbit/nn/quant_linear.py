@@ -35,7 +35,9 @@ class QuantLinear(nn.Module):
         self.config = config.for_features(in_features)
         self.register_buffer("data", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(0, dtype=torch.float32))
-        self.register_buffer("offsets", None)
+        # Zero points exist only for asymmetric codes; an empty placeholder keeps the
+        # state-dict keys fixed by the config (lowbit.load fills it).
+        self.register_buffer("offsets", None if self.config.symmetric else torch.empty(0, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.orig_dtype = dtype
 

@@ -483,6 +483,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     return lowbit::PrefetchPages(p, n);
   }, py::arg("mapped"));
+  m.def("advise_willneed", [](const py::array& a) {
+    if (!(a.flags() & py::array::c_style)) Fail("advise_willneed: array must be C-contiguous");
+    const void* p = a.data();
+    const size_t n = static_cast<size_t>(a.nbytes());
+    py::gil_scoped_release release;
+    lowbit::AdviseWillNeed(p, n);
+  }, py::arg("mapped"));
   m.def("release_pages", [](const py::array& a) {
     if (!(a.flags() & py::array::c_style)) Fail("release_pages: array must be C-contiguous");
     const void* p = a.data();

@@ -13,6 +13,14 @@ size_t PageSize() {
 
 }  // namespace
 
+void AdviseWillNeed(const void* ptr, size_t bytes) {
+  if (bytes == 0) return;
+  const size_t page = PageSize();
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(ptr) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(ptr) + bytes;
+  (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+}
+
 uint64_t PrefetchPages(const void* ptr, size_t bytes) {
   if (bytes == 0) return 0;
   const size_t page = PageSize();
@@ -20,6 +28,13 @@ uint64_t PrefetchPages(const void* ptr, size_t bytes) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(ptr) + bytes;
   // Advice failures (e.g. on anonymous memory) only cost speed: ignore them.
   (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+  // Linux >= 5.14 maps the whole range in one call (MADV_POPULATE_READ): for a
+  // warm page cache that is several times faster than a fault per 64 KiB block.
+#ifdef MADV_POPULATE_READ
+  if (madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ) == 0) {
+    return (end - begin + page - 1) / page;
+  }
+#endif
   uint64_t touched = 0;
   volatile const unsigned char* p = static_cast<const unsigned char*>(ptr);
   unsigned char sink = 0;

@@ -396,31 +396,41 @@ def _to_torch(arr: np.ndarray, dt: str, copy: bool):
     return t
 
 
-def _verify(mm, info: FileInfo) -> None:
-    for name, crc in info.crc32.items():
-        t = info.tensors[name]
-        if zlib.crc32(memoryview(mm)[t.begin:t.end]) != crc:
-            raise FormatError(f"{info.path}: tensor {name!r} fails its crc32 check (corrupted file)")
+def _check_crc(info: FileInfo, name: str, arr: np.ndarray) -> None:
+    crc = info.crc32.get(name)
+    if crc is not None and zlib.crc32(arr.reshape(-1).view(np.uint8)) != crc:
+        raise FormatError(f"{info.path}: tensor {name!r} fails its crc32 check (corrupted file)")
 
 
-def load_state_dict(path, *, verify: bool = True, mapped: bool = False) -> dict:
-    """The file's tensors as a state dict (name -> torch.Tensor), aliases included.
+def _read_tensor(f, info: FileInfo, name: str) -> np.ndarray:
+    """A tensor's bytes read into fresh memory (no mapping: resident once, not twice)."""
+    t = info.tensors[name]
+    np_dtype = _DTYPES[t.dtype][0]
+    arr = np.empty(t.nbytes // np.dtype(np_dtype).itemsize, np_dtype)
+    f.seek(t.begin)
+    got = f.readinto(memoryview(arr.view(np.uint8)))
+    if got != t.nbytes:
+        raise FormatError(f"{info.path}: tensor {name!r} ends early (file changed while loading?)")
+    return arr.reshape(t.shape)
 
-    ``mapped=True`` returns views into a private memory map of the file (no copy);
-    otherwise every tensor is copied into memory and the file is closed.
-    """
-    info = read_info(path)
-    mm = _map_file(info.path)
-    try:
-        if verify:
-            _verify(mm, info)
-        sd = {k: _to_torch(_view(mm, info, k), t.dtype, copy=not mapped) for k, t in info.tensors.items()}
-    finally:
-        if not mapped:
-            _close_quietly(mm)
+
+def _tensors(info: FileInfo, verify: bool, mapped=frozenset(), mm=None) -> dict:
+    """name -> torch tensor: names in ``mapped`` as views of ``mm``, the rest read."""
+    out = {}
+    with open(info.path, "rb") as f:
+        for name, t in info.tensors.items():
+            arr = _view(mm, info, name) if name in mapped else _read_tensor(f, info, name)
+            if verify:
+                _check_crc(info, name, arr)
+            out[name] = _to_torch(arr, t.dtype, copy=False)
     for a, target in info.aliases.items():
-        sd[a] = sd[target]
-    return sd
+        out[a] = out[target]
+    return out
+
+
+def load_state_dict(path, *, verify: bool = True) -> dict:
+    """The file's tensors as a state dict (name -> torch.Tensor), aliases included."""
+    return _tensors(read_info(path), verify)
 
 
 def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional[int] = None,
@@ -461,13 +471,14 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
     if stream and not info.layers:
         raise ValueError(f"{info.path}: no quantized layers to stream")
     verify = (not stream) if verify is None else verify
-    mm = _map_file(info.path)
+    mm = _map_file(info.path) if stream else None
     try:
-        if verify:
-            _verify(mm, info)
+        replacements = {}  # validated before the model is touched
         for name, m in info.layers.items():
+            if not name:
+                raise ValueError("the file's quantized layer is the model itself; pass a container")
             try:
-                old = model.get_submodule(name) if name else model
+                old = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"model has no module {name!r}, which the file quantizes") from None
             if not isinstance(old, (torch.nn.Linear, QuantLinear)) or \
@@ -475,24 +486,19 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                 raise ValueError(f"model.{name} must be a Linear({m['in_features']}, {m['out_features']}) "
                                  f"to take the file's layer, got {old!r}")
             cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"])
-            new = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
-                              dtype=getattr(torch, m["orig_dtype"]))
-            if name:
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, new)
-            else:
-                raise ValueError("the file's quantized layer is the model itself; pass a container")
+            replacements[name] = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
+                                             dtype=getattr(torch, m["orig_dtype"]))
         packed = {f"{n}.{p}" for n, m in info.layers.items() for p in expected_packed_shapes(m)}
-        sd = {}
-        for k, t in info.tensors.items():
-            sd[k] = _to_torch(_view(mm, info, k), t.dtype, copy=not (stream and k in packed))
-        for a, target in info.aliases.items():
-            sd[a] = sd[target]
-        expected = set(model.state_dict().keys())
+        expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in replacements}
+        expected |= {f"{n}.{k}" for n, mod in replacements.items() for k in mod.state_dict()}
+        sd = _tensors(info, verify, packed if stream else frozenset(), mm)
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
             raise ValueError(f"{info.path} does not match the model: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
+        for name, new in replacements.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
         # Tiles go straight into the QuantLinear buffers (their placeholders are
         # empty, so load_state_dict would reject the shapes); the rest loads strictly.
         for name in info.layers:
@@ -508,13 +514,12 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                              f"unexpected {result.unexpected_keys[:8]}")
         _retie(model, info.aliases)
     except BaseException:
-        _close_quietly(mm)
+        if mm is not None:
+            _close_quietly(mm)
         raise
     if stream:
         from .stream import WeightStreamer
         WeightStreamer.attach(model, mm, info, max_resident_bytes=max_resident_bytes, prefetch=prefetch)
-    else:
-        _close_quietly(mm)
     return model
 
 

@@ -23,6 +23,7 @@ but their windows fight over the budget).
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import weakref
@@ -60,6 +61,7 @@ class WeightStreamer:
         self._worker.start()
         self._hooks = [m.register_forward_pre_hook(self._before) for m in modules]
         weakref.finalize(self, self._tasks.put, None)
+        _LIVE.add(self)
 
     @classmethod
     def attach(cls, model, mm, info, *, max_resident_bytes: Optional[int], prefetch: int) -> "WeightStreamer":
@@ -123,11 +125,13 @@ class WeightStreamer:
                 self._tasks.put(("release", r))
                 self._resident.discard(r)
                 self.stats["released_layers"] += 1
-            for j in win[1:]:
-                if j not in self._resident:
-                    self._tasks.put(("prefetch", j))
-                    self._resident.add(j)
-                    self.stats["prefetched_layers"] += 1
+            new = [j for j in win[1:] if j not in self._resident]
+            for j in new:  # queue the disk reads of all of them first, then map in order
+                self._tasks.put(("willneed", j))
+            for j in new:
+                self._tasks.put(("prefetch", j))
+                self._resident.add(j)
+                self.stats["prefetched_layers"] += 1
 
     def sync(self) -> None:
         """Wait until the background thread has done every queued release/prefetch."""
@@ -151,12 +155,25 @@ class WeightStreamer:
         start = self._regions[0].ctypes.data if self._regions else 0
         return mapped_rss(start)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
         """Remove the hooks and stop the thread (the weights stay mapped and usable)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._tasks.put(None)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+
+_LIVE: "weakref.WeakSet[WeightStreamer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # A daemon thread still inside a C++ prefetch when the interpreter finalizes
+    # would be torn down mid-call (pybind11 aborts): let each finish and exit first.
+    for streamer in list(_LIVE):
+        streamer.close()
 
 
 def _work(tasks: queue.Queue, regions: list) -> None:
@@ -167,6 +184,8 @@ def _work(tasks: queue.Queue, regions: list) -> None:
         kind, arg = task
         if kind == "release":
             _C.release_pages(regions[arg])
+        elif kind == "willneed":
+            _C.advise_willneed(regions[arg])
         elif kind == "prefetch":
             _C.prefetch_pages(regions[arg])
         else:

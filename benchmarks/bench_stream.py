@@ -105,7 +105,7 @@ def run_variant(path: str, blocks: int, variant: str, budget: int, tokens: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=44)
+    p.add_argument("--blocks", type=int, default=46)
     p.add_argument("--budget-mib", type=int, default=512)
     p.add_argument("--tokens", type=int, default=5)
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/README.md")

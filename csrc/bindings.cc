@@ -365,14 +365,16 @@ void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, s
 
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
-                    const py::object& bias) {
+                    const py::object& bias, float act_scale) {
+  if (!(act_scale >= 0.0f) || act_scale > 3.0e38f) Fail("act_scale must be finite and >= 0 (0: dynamic)");
   MatmulCall c;
   PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias);
   std::vector<int8_t> xq(c.m * c.w.kp);
   std::vector<float> xs(c.m);
   std::vector<int32_t> xsum(c.m * c.w.ngroups);
   py::gil_scoped_release release;
-  if (!lowbit::QuantizeActivations(c.x, c.m, k, c.x_stride, c.w.kp, c.w.group, xq.data(), xs.data(), xsum.data()))
+  if (!lowbit::QuantizeActivations(c.x, c.m, k, c.x_stride, c.w.kp, c.w.group, act_scale, xq.data(), xs.data(),
+                                   xsum.data()))
     return false;
   lowbit::MatmulQuantAct(xq.data(), xs.data(), xsum.data(), c.m, c.w, c.out, n);
   return true;
@@ -469,8 +471,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("data").noconvert(), py::arg("tile_scales").noconvert(), py::arg("tile_offsets").none(true));
   m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
-        py::arg("bias").none(true) = py::none(),
-        "int8 per-token activations x tiled weights; returns False if x held NaN.");
+        py::arg("bias").none(true) = py::none(), py::arg("act_scale") = 0.0f,
+        "int8 activations (per token, or one static act_scale) x tiled weights; returns False if x held NaN.");
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
         py::arg("bias").none(true) = py::none());

@@ -87,9 +87,11 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
 
 // Per-row symmetric int8 activations (formats.h): xq [M, kp] (zero padded),
 // xscale [M], xsum [M, ngroups] with groups of `group` along kp.
+// fixed_scale > 0: every row uses it (static, calibrated activation scale;
+// values beyond +-127 * fixed_scale saturate); 0: per row amax / 127 (dynamic).
 // Returns false if x held a NaN.
 bool QuantizeActivations(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
-                         size_t group, int8_t* xq, float* xscale, int32_t* xsum);
+                         size_t group, float fixed_scale, int8_t* xq, float* xscale, int32_t* xsum);
 
 // out [M, N] (out_stride apart) = dequant(xq) @ dequant(W)^T with integer dot
 // products (VNNI vpdpbusd when active, else int16 multiply-add).

@@ -50,7 +50,7 @@ constexpr size_t kVecs = kTileRows / kLanes;
 // ---------------------------------------------------------------- activations
 
 bool QuantizeActivationsImpl(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
-                             size_t group, int8_t* xq, float* xscale, int32_t* xsum) {
+                             size_t group, float fixed_scale, int8_t* xq, float* xscale, int32_t* xsum) {
   const size_t ngroups = kp / group;
   std::atomic<bool> ok{true};
   // Parallel only from 256 Ki elements: below that one core quantizes in < 40 us.
@@ -69,7 +69,7 @@ bool QuantizeActivationsImpl(const float* x, size_t m, size_t k, size_t x_stride
       });
       if (!hn::AllFalse(df, nan)) ok = false;
       const float a = hn::GetLane(hn::MaxOfLanes(df, amax));
-      const float scale = a / 127.0f;
+      const float scale = fixed_scale > 0.0f ? fixed_scale : a / 127.0f;
       const float inv = scale >= FLT_MIN ? 1.0f / scale : 0.0f;
       xscale[r] = inv == 0.0f ? 0.0f : scale;
       const auto vinv = hn::Set(df, inv), lo = hn::Set(df, -127.0f), hi = hn::Set(df, 127.0f);
@@ -577,9 +577,11 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
 }
 
 bool QuantizeActivations(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
-                         size_t group, int8_t* xq, float* xscale, int32_t* xsum) {
+                         size_t group, float fixed_scale, int8_t* xq, float* xscale, int32_t* xsum) {
   if (group == 0 || kp % group != 0 || kp < k) throw std::invalid_argument("bad activation grouping");
-  return HWY_DYNAMIC_DISPATCH(QuantizeActivationsImpl)(x, m, k, x_stride, kp, group, xq, xscale, xsum);
+  if (!(fixed_scale >= 0.0f) || fixed_scale > 3.0e38f) throw std::invalid_argument("act_scale must be finite and >= 0");
+  return HWY_DYNAMIC_DISPATCH(QuantizeActivationsImpl)(x, m, k, x_stride, kp, group, fixed_scale, xq, xscale,
+                                                       xsum);
 }
 
 void MatmulQuantAct(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,

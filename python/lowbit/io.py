@@ -24,7 +24,7 @@ where the lowbit JSON is::
   {"format_version": 1, "layout": "tiled-v1", "writer": "lowbit <version>",
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
               "bits", "group_size" (null = per row), "symmetric", "act_bits",
-              "orig_dtype", "bias"}},
+              "orig_dtype", "bias", "act_scale" (0: dynamic activations)}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
 
@@ -157,7 +157,8 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
             c = mod.config
             layers[name] = dict(module="QuantLinear", in_features=mod.in_features, out_features=mod.out_features,
                                 bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, act_bits=c.act_bits,
-                                orig_dtype=str(mod.orig_dtype).replace("torch.", ""), bias=mod.bias is not None)
+                                orig_dtype=str(mod.orig_dtype).replace("torch.", ""), bias=mod.bias is not None,
+                                act_scale=float(mod.act_scale))
             first += [f"{name}.{k}" if name else k for k in ("data", "scales", "offsets")]
     state = model.state_dict()
     tensors, aliases, seen = {}, {}, {}
@@ -335,7 +336,7 @@ def _parse_lowbit_meta(path: str, text: str, tensors: dict) -> dict:
 
 
 _LAYER_FIELDS = {"module", "in_features", "out_features", "bits", "group_size", "symmetric", "act_bits",
-                 "orig_dtype", "bias"}
+                 "orig_dtype", "bias", "act_scale"}
 
 
 def _check_layer(path: str, name: str, m, tensors: dict) -> None:
@@ -355,6 +356,9 @@ def _check_layer(path: str, name: str, m, tensors: dict) -> None:
         raise FormatError(f"{where}: group_size {g!r} does not fit in_features={m['in_features']}")
     if type(m["symmetric"]) is not bool or type(m["bias"]) is not bool or m["act_bits"] not in (None, 8):
         raise FormatError(f"{where}: symmetric/bias must be booleans and act_bits null or 8")
+    a = m["act_scale"]
+    if type(a) not in (int, float) or not 0 <= a < 3e38 or (a and m["act_bits"] != 8):
+        raise FormatError(f"{where}: act_scale must be 0 or a finite positive float with act_bits 8")
     if m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
         raise FormatError(f"{where}: orig_dtype {m['orig_dtype']!r} is not a float dtype")
     prefix = f"{name}." if name else ""
@@ -488,6 +492,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
             cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"])
             replacements[name] = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
                                              dtype=getattr(torch, m["orig_dtype"]))
+            replacements[name].act_scale = float(m["act_scale"])
         packed = {f"{n}.{p}" for n, m in info.layers.items() for p in expected_packed_shapes(m)}
         expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in replacements}
         expected |= {f"{n}.{k}" for n, mod in replacements.items() for k in mod.state_dict()}

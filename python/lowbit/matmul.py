@@ -105,7 +105,7 @@ _warned_unpacked = False
 
 
 def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,
-           input_dtype=None) -> np.ndarray:
+           input_dtype=None, act_scale: Optional[float] = None) -> np.ndarray:
     """``x @ dequant(w).T`` (+ ``bias``) as float32.
 
     Args:
@@ -117,6 +117,9 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
         of x to int8 (amax / 127) and use integer dot products.
       bias: optional float32 [N], added in the kernels' final store (same rounding
         as adding it afterwards, one pass less).
+      act_scale: with ``act_bits=8``, one static activation scale for every row
+        (calibrated, e.g. by ``lowbit.calibrate``): codes = clamp(round(x / act_scale),
+        -127, 127). None: per-row dynamic scales.
 
     >>> import numpy as np, lowbit
     >>> rng = np.random.default_rng(0)
@@ -140,6 +143,12 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
         raise TypeError(f"act_bits must be None or 8, got {act_bits!r}")
     if act_bits not in (None, 8):
         raise ValueError(f"act_bits must be None or 8, got {act_bits}")
+    if act_scale is not None:
+        if act_bits != 8:
+            raise ValueError("act_scale needs act_bits=8")
+        if isinstance(act_scale, bool) or not isinstance(act_scale, numbers.Real) or \
+                not (0 < float(act_scale) < 3e38):
+            raise ValueError(f"act_scale must be a finite float > 0, got {act_scale!r}")
     arr, dname = float_input(x, "x", input_dtype)
     if arr.ndim not in (1, 2):
         raise ValueError(f"x must be 1-D [K] or 2-D [M, K], got shape {arr.shape}")
@@ -165,7 +174,8 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     out = np.empty((m, n), np.float32)
     group = w._group
     if act_bits == 8:
-        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias):
+        if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias,
+                                   float(np.float32(act_scale)) if act_scale else 0.0):
             raise ValueError("x contains NaN")
     else:
         if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns

@@ -7,7 +7,7 @@ links libtorch and one wheel serves every torch >= 2.4.
 Ops (namespace ``lowbit``):
   quantize(x, bits, group_size, symmetric) -> (packed, scales, zero_points)
   dequantize(packed, scales, zero_points, k, bits, group_size, symmetric, dtype) -> x
-  linear(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits) -> y
+  linear(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale) -> y
   linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size) -> grad_x
   fake_quantize(x, scale, zero_point, quant_min, quant_max, axis) -> y  (STE gradient)
 ``group_size`` 0 means one group per row; ``act_bits`` 0 means float activations.
@@ -100,27 +100,29 @@ def _(packed, scales, zero_points, k, bits, group_size, symmetric, dtype):
 
 # ---------------------------------------------------------------- linear
 def linear_impl(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
-                n: int, k: int, bits: int, group_size: int, act_bits: int) -> Tensor:
+                n: int, k: int, bits: int, group_size: int, act_bits: int, act_scale: float = 0.0) -> Tensor:
     """The body of lowbit::linear; QuantLinear calls it directly in eager inference,
     where the custom-op dispatch (~100 us) would cost more than a small layer."""
     w = _packed(data, scales, offsets, n, k, bits, group_size)
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    y = matmul(_np(x2), w, act_bits=act_bits or None, bias=None if bias is None else _np(bias.float()))
+    y = matmul(_np(x2), w, act_bits=act_bits or None, bias=None if bias is None else _np(bias.float()),
+               act_scale=act_scale or None)
     out = torch.from_numpy(y)
     return (out if x.dtype == torch.float32 else out.to(x.dtype)).reshape(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("lowbit::linear", mutates_args=())
 def linear(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
-           n: int, k: int, bits: int, group_size: int, act_bits: int) -> Tensor:
-    """y = x @ dequant(W).T (+ bias) over tiled weights (lowbit.pack_weights), in x's dtype."""
-    return linear_impl(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits)
+           n: int, k: int, bits: int, group_size: int, act_bits: int, act_scale: float = 0.0) -> Tensor:
+    """y = x @ dequant(W).T (+ bias) over tiled weights (lowbit.pack_weights), in x's dtype.
+    act_scale > 0: static int8 activation scale (calibrated); 0: per-token dynamic."""
+    return linear_impl(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale)
 
 
 @linear.register_fake
-def _(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits):
+def _(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale=0.0):
     torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, the layer expects {k}")
     return x.new_empty((*x.shape[:-1], n))
 
@@ -139,7 +141,7 @@ def _(grad, data, scales, offsets, n, k, bits, group_size):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, data, scales, offsets, bias, n, k, bits, group_size, act_bits = inputs
+    x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale = inputs
     ctx.save_for_backward(data, scales, offsets)
     ctx.meta = (n, k, bits, group_size, bias is not None)
 
@@ -149,7 +151,7 @@ def _linear_backward(ctx, grad):
     n, k, bits, group_size, has_bias = ctx.meta
     gx = torch.ops.lowbit.linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size)
     gb = grad.reshape(-1, n).sum(0) if has_bias and ctx.needs_input_grad[4] else None
-    return gx, None, None, None, gb, None, None, None, None, None
+    return gx, None, None, None, gb, None, None, None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -61,7 +61,7 @@ class WeightStreamer:
         self._worker.start()
         self._hooks = [m.register_forward_pre_hook(self._before) for m in modules]
         weakref.finalize(self, self._tasks.put, None)
-        _LIVE.add(self)
+        _WORKERS[self._worker] = self._tasks
 
     @classmethod
     def attach(cls, model, mm, info, *, max_resident_bytes: Optional[int], prefetch: int) -> "WeightStreamer":
@@ -165,21 +165,25 @@ class WeightStreamer:
             self._worker.join(timeout)
 
 
-_LIVE: "weakref.WeakSet[WeightStreamer]" = weakref.WeakSet()
+# Every live prefetch thread and its queue (strong references: a streamer may be
+# gone while its thread still works through queued prefetches).
+_WORKERS: dict = {}
 
 
 @atexit.register
 def _stop_workers() -> None:
     # A daemon thread still inside a C++ prefetch when the interpreter finalizes
     # would be torn down mid-call (pybind11 aborts): let each finish and exit first.
-    for streamer in list(_LIVE):
-        streamer.close()
+    for thread, tasks in list(_WORKERS.items()):
+        tasks.put(None)
+        thread.join(60.0)
 
 
 def _work(tasks: queue.Queue, regions: list) -> None:
     while True:
         task = tasks.get()
         if task is None:
+            _WORKERS.pop(threading.current_thread(), None)
             return
         kind, arg = task
         if kind == "release":

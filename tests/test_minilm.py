@@ -68,3 +68,28 @@ def test_small_llama_from_config():
         out = model(ids).logits
     cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1))
     assert cos.min() > 0.999
+
+
+def calibration_batches(model, texts, n=64, size=16):
+    """Held-out sentences (another seed, none of the evaluation ones), tokenized."""
+    seen = set(texts)
+    calib = [s for s in sentences(400, seed=1) if s not in seen][:n]
+    return [dict(model.tokenizer(calib[i:i + size], padding=True, truncation=True, return_tensors="pt"))
+            for i in range(0, n, size)]
+
+
+def test_minilm_calibrated_int4_beats_rtn(model_and_reference):
+    """GPTQ and AWQ-style int4 g128 on held-out calibration sentences: GPTQ meets
+    the 0.98 mean cosine goal that data-free RTN (~0.95) misses."""
+    model, texts, ref = model_and_reference
+    calib = calibration_batches(model, texts)
+    found = {}
+    for method in ("rtn", "gptq", "awq"):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q[0].auto_model, bits=4, group_size=128, method=method,
+                        calibration_data=None if method == "rtn" else calib, progress=False)
+        cos = cosines(q, texts, ref)
+        found[method] = (float(cos.mean()), float(cos.min()))
+    print("\nMiniLM int4 g128: " + ", ".join(f"{m} mean {a:.4f} min {b:.4f}" for m, (a, b) in found.items()))
+    assert found["gptq"][0] >= 0.98
+    assert found["gptq"][0] > found["rtn"][0] and found["awq"][0] > found["rtn"][0]

@@ -22,6 +22,8 @@ _TORCH_API = {
     "nn": ("nn", None),
     "ops": ("ops", None),
     "fake_quantize": ("torch_api", "fake_quantize"),
+    "Calibrator": ("calibrate", "Calibrator"),
+    "calibrate": ("calibrate", None),  # the package, callable as the function
     "save": ("io", "save"),
     "load": ("io", "load"),
 }

@@ -35,18 +35,29 @@ def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool]:
     return lambda name, mod: any(p.search(name) for p in pats)
 
 
-def quantize(model: nn.Module, bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True,
-             activations: Optional[int] = None, method: str = "rtn", calibration_data=None,
-             include: Selector = None, exclude: Selector = None, progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Optional[int] = 128,
+             symmetric: bool = True, activations: Optional[int] = None, method: str = "rtn",
+             calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
+             *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = False) -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
-      bits: 4 or 8 (weights). group_size: scales per this many inputs (None: per row;
-        falls back to per row where it does not divide a layer's inputs).
+      bits: 8, 4, 3 or 2 (3 and 2 are codes held in int4 tiles: better than 4 bits
+        only in quality terms, not in size); a float budget such as 4.5 for
+        automatic mixed precision (needs ``calibration_data``: each layer's output
+        error is measured at 4 and 8 bits and bits go where they help most per byte);
+        or a dict ``{layer name: bits}`` (key "default" for the rest).
+      group_size: scales per this many inputs (None: per row; falls back to per row
+        where it does not divide a layer's inputs).
       symmetric: signed codes (default) or codes with zero points.
-      activations: None (weight-only, float activations) or 8 (per-token int8
-        activations, integer kernels: W8A8 / W4A8).
-      method: "rtn" (round to nearest).
+      activations: None (weight-only, float activations) or 8 (int8 activations,
+        integer kernels: W8A8 / W4A8): per token (dynamic), or static per-tensor
+        scales calibrated by ``observer`` when ``calibration_data`` is given.
+      method: "rtn" (round to nearest), "gptq" (Hessian-aware error feedback,
+        ``act_order`` optional) or "awq" (activation-aware channel scaling + clip
+        search); the last two need ``calibration_data``.
+      calibration_data: an iterable of batches (tensors, tuples or dicts of model
+        inputs); at most ``max_batches`` are used.
       include / exclude: regex, list of regexes, or callable(name, module) -> bool over
         module names. By default output heads (lm_head, classifier, ...) and layers
         with fewer than 4096 weights stay in float; the progress output says which.
@@ -58,16 +69,65 @@ def quantize(model: nn.Module, bits: int = 4, group_size: Optional[int] = 128, s
     >>> type(m[0]).__name__, type(m[2]).__name__
     ('QuantLinear', 'Linear')
     """
+    from .calibrate.ptq import METHODS, LayerPlan, layer_group, mixed_plan, quantize_calibrated, sensitivities
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be 4 or 8, got {bits!r}")
-    if method != "rtn":
-        raise ValueError(f"method={method!r} is not available; this version supports method='rtn'")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float, dict)):
+        raise TypeError(f"bits must be an int (8, 4, 3, 2), a float budget or a dict, got {bits!r}")
+    if isinstance(bits, int) and bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits}")
+    mixed = isinstance(bits, float)
+    if mixed and not 4.0 <= bits <= 9.0:
+        raise ValueError(f"a bits budget must be between 4.0 and 9.0 bits/weight (layers are 4 or 8 bits "
+                         f"plus scales), got {bits}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if (method != "rtn" or mixed) and calibration_data is None:
+        raise ValueError(f"{'bits budget' if mixed else 'method=' + repr(method)} needs calibration_data")
+    static = calibration_data is not None and activations == 8
+    QuantConfig(8, group_size, symmetric, activations)  # validates group_size / activations
+    targets, skipped = _select(model, include, exclude)
+    names = {n for n, _ in targets}
+    if isinstance(bits, dict):
+        unknown = set(bits) - names - {"default"}
+        if unknown:
+            raise ValueError(f"bits names layers that are not quantized targets: {sorted(unknown)[:5]}")
+        if any(b not in (2, 3, 4, 8) for b in bits.values()):
+            raise ValueError("every bits value in the map must be 8, 4, 3 or 2")
+    data = None
     if calibration_data is not None:
-        raise ValueError("calibration_data is not used by method='rtn' with dynamic activations; "
-                         "leave it None")
-    config = QuantConfig(bits, group_size, symmetric, activations)
+        from .calibrate.data import batches
+        data = batches(calibration_data, max_batches)
+    if mixed:
+        candidates = [LayerPlan(4, group_size), LayerPlan(8, None)]
+        sens = sensitivities(model, targets, data, candidates, symmetric)
+        plans = mixed_plan(targets, sens, bits)
+    else:
+        plans = {}
+        for name, mod in targets:
+            b = bits.get(name, bits.get("default")) if isinstance(bits, dict) else bits
+            if b is None:
+                skipped.append((name, "not in the bits map"))
+                continue
+            plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b))
+        targets = [(n, m) for n, m in targets if n in plans]
+    simple = method == "rtn" and not static and all(p.bits in (4, 8) for p in plans.values())
+    if simple:  # the native quantizer, no calibration pass
+        for name, mod in _progress(targets, progress):
+            p = plans[name]
+            _set_module(model, name, QuantLinear.from_linear(mod, QuantConfig(p.bits, p.group_size, symmetric,
+                                                                                 activations)))
+    else:
+        quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
+                            act_order, progress)
+    if progress and skipped:
+        print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
+    return model
+
+
+def _select(model: nn.Module, include: Selector, exclude: Selector) -> tuple:
+    """(layers to quantize, [(name, why skipped)])."""
     want = _matcher(include, "include")
     skip = _matcher(exclude, "exclude")
     default_skip = re.compile(DEFAULT_EXCLUDE)
@@ -89,12 +149,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: Optional[int] = 128, s
             skipped.append((name, f"on {mod.weight.device}"))
         else:
             targets.append((name, mod))
-    bar = _progress(targets, progress)
-    for name, mod in bar:
-        _set_module(model, name, QuantLinear.from_linear(mod, config))
-    if progress and skipped:
-        print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
-    return model
+    return targets, skipped
 
 
 def _progress(items, enabled):

@@ -22,6 +22,7 @@ class QuantConfig:
     group_size: Optional[int] = 128
     symmetric: bool = True
     act_bits: Optional[int] = None
+    code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles)
 
     def __post_init__(self):
         if self.bits not in KSTEP:
@@ -30,16 +31,19 @@ class QuantConfig:
             raise ValueError(f"group_size must be None or a positive int, got {self.group_size!r}")
         if self.act_bits not in (None, 8):
             raise ValueError(f"activations must be None or 8, got {self.act_bits!r}")
+        if self.code_bits is not None and (self.code_bits not in (2, 3, 4, 8) or self.code_bits > self.bits):
+            raise ValueError(f"code_bits must be 2, 3, 4 or 8 and at most bits={self.bits}, got {self.code_bits!r}")
 
     def for_features(self, in_features: int) -> "QuantConfig":
         """This config, or per-row scales when the group size does not fit in_features."""
         g = self.group_size
         if g is not None and (g >= in_features or in_features % g or g % KSTEP[self.bits]):
             g = None
-        return QuantConfig(self.bits, g, self.symmetric, self.act_bits)
+        return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits)
 
     @property
     def label(self) -> str:
-        w = f"W{self.bits}" + ("A8" if self.act_bits == 8 else "")
+        cb = self.code_bits or self.bits
+        w = f"W{cb}" + ("A8" if self.act_bits == 8 else "") + (f"(int{self.bits})" if cb != self.bits else "")
         g = "per-row" if self.group_size is None else f"g{self.group_size}"
         return f"{w} {g}{'' if self.symmetric else ' asym'}"

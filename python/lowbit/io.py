@@ -23,7 +23,7 @@ where the lowbit JSON is::
 
   {"format_version": 1, "layout": "tiled-v1", "writer": "lowbit <version>",
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
-              "bits", "group_size" (null = per row), "symmetric", "act_bits",
+              "bits" (tile width), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
               "orig_dtype", "bias", "act_scale" (0: dynamic activations)}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
@@ -156,7 +156,7 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
         if isinstance(mod, QuantLinear):
             c = mod.config
             layers[name] = dict(module="QuantLinear", in_features=mod.in_features, out_features=mod.out_features,
-                                bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, act_bits=c.act_bits,
+                                bits=c.bits, code_bits=c.code_bits or c.bits, group_size=c.group_size, symmetric=c.symmetric, act_bits=c.act_bits,
                                 orig_dtype=str(mod.orig_dtype).replace("torch.", ""), bias=mod.bias is not None,
                                 act_scale=float(mod.act_scale))
             first += [f"{name}.{k}" if name else k for k in ("data", "scales", "offsets")]
@@ -336,7 +336,7 @@ def _parse_lowbit_meta(path: str, text: str, tensors: dict) -> dict:
 
 
 _LAYER_FIELDS = {"module", "in_features", "out_features", "bits", "group_size", "symmetric", "act_bits",
-                 "orig_dtype", "bias", "act_scale"}
+                 "orig_dtype", "bias", "act_scale", "code_bits"}
 
 
 def _check_layer(path: str, name: str, m, tensors: dict) -> None:
@@ -356,6 +356,8 @@ def _check_layer(path: str, name: str, m, tensors: dict) -> None:
         raise FormatError(f"{where}: group_size {g!r} does not fit in_features={m['in_features']}")
     if type(m["symmetric"]) is not bool or type(m["bias"]) is not bool or m["act_bits"] not in (None, 8):
         raise FormatError(f"{where}: symmetric/bias must be booleans and act_bits null or 8")
+    if type(m["code_bits"]) is not int or m["code_bits"] not in (2, 3, 4, 8) or m["code_bits"] > m["bits"]:
+        raise FormatError(f"{where}: code_bits must be 2, 3, 4 or 8 and at most bits")
     a = m["act_scale"]
     if type(a) not in (int, float) or not 0 <= a < 3e38 or (a and m["act_bits"] != 8):
         raise FormatError(f"{where}: act_scale must be 0 or a finite positive float with act_bits 8")
@@ -369,6 +371,9 @@ def _check_layer(path: str, name: str, m, tensors: dict) -> None:
         if t.dtype != dt or t.shape != shape:
             raise FormatError(f"{where}: {prefix + part!r} is {t.dtype} {list(t.shape)}, the tiled layout "
                               f"needs {dt} {list(shape)}")
+    t = tensors.get(prefix + "input_scale")
+    if t is not None and (t.dtype != "F32" or t.shape != (m["in_features"],)):
+        raise FormatError(f"{where}: input_scale must be F32 [{m['in_features']}]")
     if m["bias"]:
         t = tensors.get(prefix + "bias")
         if t is None or t.shape != (m["out_features"],) or _DTYPES[t.dtype][1] != m["orig_dtype"]:
@@ -489,9 +494,11 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                     (old.in_features, old.out_features) != (m["in_features"], m["out_features"]):
                 raise ValueError(f"model.{name} must be a Linear({m['in_features']}, {m['out_features']}) "
                                  f"to take the file's layer, got {old!r}")
-            cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"])
+            cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"],
+                              None if m["code_bits"] == m["bits"] else m["code_bits"])
             replacements[name] = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
-                                             dtype=getattr(torch, m["orig_dtype"]))
+                                             dtype=getattr(torch, m["orig_dtype"]),
+                                             has_input_scale=f"{name}.input_scale" in info.tensors)
             replacements[name].act_scale = float(m["act_scale"])
         packed = {f"{n}.{p}" for n, m in info.layers.items() for p in expected_packed_shapes(m)}
         expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in replacements}

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
-from ..arrays import quantize_array
+from typing import Optional
+
+import numpy as np
+
+from ..arrays import QArray, quantize_array
 from ..config import QuantConfig
 from ..matmul import PackedWeights, dequantize_packed, pack_weights
 
@@ -29,7 +33,8 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 config: QuantConfig = QuantConfig(), dtype: torch.dtype = torch.float32):
+                 config: QuantConfig = QuantConfig(), dtype: torch.dtype = torch.float32,
+                 has_input_scale: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.config = config.for_features(in_features)
@@ -42,6 +47,8 @@ class QuantLinear(nn.Module):
         self.orig_dtype = dtype
         # Static int8 activation scale from calibration (W8A8/W4A8 static); 0: dynamic.
         self.act_scale = 0.0
+        # AWQ-style per-input-channel multiplier (x * input_scale feeds the kernels).
+        self.register_buffer("input_scale", torch.ones(in_features) if has_input_scale else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig()) -> "QuantLinear":
@@ -59,7 +66,41 @@ class QuantLinear(nn.Module):
             mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return mod
 
+    @classmethod
+    def from_quantized(cls, q, bias: Optional[torch.Tensor] = None, config: Optional[QuantConfig] = None,
+                       dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """A layer from the output of a weight algorithm (lowbit.calibrate.weights:
+        codes, scales, zero points, optional input scale). Codes of <= 4 bits go
+        into int4 tiles, 8-bit codes into int8 tiles."""
+        n, k = q.codes.shape
+        storage = 4 if q.bits <= 4 else 8
+        cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None)
+        if cfg.bits != storage or cfg.group_size != q.group_size or cfg.symmetric != (q.zero_points is None):
+            raise ValueError(f"config {cfg.label} does not match the quantized weight "
+                             f"(int{q.bits} codes, group {q.group_size})")
+        mod = cls(k, n, bias is not None, cfg, dtype=dtype, has_input_scale=q.input_scale is not None)
+        codes = q.codes.numpy()
+        if q.zero_points is None and storage == 4 and q.bits < 4:
+            pass  # narrower signed codes are valid int4 codes as they are
+        elif q.zero_points is not None and q.bits < storage:
+            raise ValueError("asymmetric codes narrower than their storage are not supported")
+        from ..reference import pack
+        qa = QArray(pack(codes.astype(np.int32), storage), q.scales.numpy().astype(np.float32),
+                    None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k), storage,
+                    q.group_size, q.zero_points is None)
+        pw = pack_weights(qa)
+        mod.data = torch.from_numpy(pw.data)
+        mod.scales = torch.from_numpy(pw.scales)
+        mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=bias.requires_grad)
+        if q.input_scale is not None:
+            mod.input_scale = q.input_scale.float().clone()
+        return mod
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         c = self.config
         args = (x, self.data, self.scales, self.offsets, self.bias, self.out_features, self.in_features, c.bits,
                 c.group_size or 0, c.act_bits or 0, self.act_scale)
@@ -74,12 +115,14 @@ class QuantLinear(nn.Module):
                              (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight [out, in] this layer computes with."""
-        return torch.from_numpy(dequantize_packed(self.packed()))
+        """The float weight [out, in] this layer computes with (input scale folded in)."""
+        w = torch.from_numpy(dequantize_packed(self.packed()))
+        return w if self.input_scale is None else w * self.input_scale
 
     @property
     def nbytes(self) -> int:
         n = self.data.numel() + 4 * self.scales.numel() + (0 if self.offsets is None else 4 * self.offsets.numel())
+        n += 0 if self.input_scale is None else 4 * self.input_scale.numel()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     @property

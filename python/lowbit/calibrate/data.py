@@ -1,0 +1,57 @@
+"""Feeding calibration batches to a model: tensors, tuples/lists (positional
+arguments) or dicts (keyword arguments, the transformers style)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Optional
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward early (the rest is not needed)."""
+
+
+def run_batch(model: torch.nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        raise TypeError(f"calibration batches must be tensors, tuples/lists or dicts, got {type(batch).__name__}")
+
+
+def batches(data, max_batches: Optional[int]) -> list:
+    """The first max_batches batches of data (a tensor is one batch), as a list
+    (GPTQ passes over them once per layer)."""
+    if data is None:
+        raise ValueError("calibration_data is required")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if isinstance(data, (torch.Tensor, dict)):
+        data = [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"calibration_data must be an iterable of batches, got {type(data).__name__}")
+    out = list(itertools.islice(data, max_batches))
+    if not out:
+        raise ValueError("calibration_data yielded no batches")
+    return out
+
+
+def forward_all(model: torch.nn.Module, data: list, progress: bool = False, desc: str = "calibrate") -> None:
+    items = data
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            items = tqdm(data, desc=desc, unit="batch", leave=False)
+        except ImportError:
+            pass
+    with torch.no_grad():
+        for b in items:
+            try:
+                run_batch(model, b)
+            except StopForward:
+                pass

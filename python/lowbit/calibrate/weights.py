@@ -1,0 +1,245 @@
+"""Weight quantization algorithms over one Linear layer: RTN, GPTQ, AWQ-style.
+
+All of them produce integer codes and per-group scales under lowbit's own
+scale rule (formats.h: the signed largest-magnitude value maps to -2^(b-1);
+asymmetric min-max with an integer zero point), so their output loads into the
+same tiled kernels as plain quantization. Codes of 3 or fewer bits are stored
+in int4 tiles (the kernels run them as int4).
+
+The float math follows the kernels exactly where it matters: scales in
+float32, codes = round_half_even(w * (1 / scale)) clamped, so RTN here equals
+``lowbit.quantize_array`` bit for bit (a test checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes [N, K] (int32), scales [N, K // G] float32, zero points (asymmetric)
+    and an optional per-input-channel multiplier applied to x first (AWQ)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zero_points: Optional[torch.Tensor]
+    bits: int
+    group_size: Optional[int]
+    input_scale: Optional[torch.Tensor] = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight the kernels compute with (in the scaled input basis)."""
+        n, k = self.codes.shape
+        g = k if self.group_size is None else self.group_size
+        c = self.codes.float().reshape(n, k // g, g)
+        if self.zero_points is not None:
+            c = c - self.zero_points.float()[..., None]
+        return (c * self.scales[..., None]).reshape(n, k)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the original input basis (x @ W_eff.T equals the layer)."""
+        w = self.dequantize()
+        return w if self.input_scale is None else w * self.input_scale
+
+
+def qrange(bits: int, symmetric: bool) -> tuple:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: Optional[torch.Tensor] = None) -> tuple:
+    """lowbit's scale rule over the last axis of w [..., G] (optionally shrunk by clip [...])."""
+    w = w.float()
+    fin = torch.isfinite(w)
+    lo = torch.where(fin, w, 0.0).amin(-1).clamp(max=0)
+    hi = torch.where(fin, w, 0.0).amax(-1).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    if symmetric:
+        m = torch.where(-lo >= hi, lo, hi)
+        scale = m / float(-(1 << (bits - 1)))
+        zp = None
+    else:
+        qmax = (1 << bits) - 1
+        scale = ((hi.double() - lo.double()) / qmax).float()
+        inv = torch.where(scale.abs() >= FLT_MIN, 1.0 / scale, torch.zeros_like(scale))
+        zp = torch.clamp(-torch.round(lo * inv), 0, qmax)
+    degenerate = ~(scale.abs() >= FLT_MIN)
+    scale = torch.where(degenerate, torch.zeros_like(scale), scale)
+    if zp is not None:
+        zp = torch.where(degenerate, torch.zeros_like(zp), zp)
+    return scale, zp
+
+
+def quant_codes(w: torch.Tensor, scale: torch.Tensor, zp: Optional[torch.Tensor], bits: int,
+                symmetric: bool) -> torch.Tensor:
+    """Codes of w [..., G] given per-row-of-groups scale/zp [...] (formats.h element rule)."""
+    qmin, qmax = qrange(bits, symmetric)
+    z = torch.zeros_like(scale) if zp is None else zp
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / torch.where(scale == 0, 1.0, scale))
+    v = torch.clamp(w.float() * inv[..., None], (qmin - z)[..., None], (qmax - z)[..., None])
+    return (torch.round(v) + z[..., None]).to(torch.int32)
+
+
+def _grouped(w: torch.Tensor, group: Optional[int]) -> torch.Tensor:
+    n, k = w.shape
+    g = k if group is None else group
+    return w.reshape(n, k // g, g)
+
+
+def rtn(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True,
+        clip: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Round to nearest (clip: optional per-(row, group) shrink of the range)."""
+    wg = _grouped(w.float(), group)
+    scale, zp = group_params(wg, bits, symmetric, clip)
+    codes = quant_codes(wg, scale, zp, bits, symmetric)
+    return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
+
+
+def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optional[int], symmetric: bool,
+                ratios=None) -> torch.Tensor:
+    """Per (row, group) range shrink minimising the activation-weighted error
+    sum_j E[x_j^2] (w_j - q_j)^2 (the output error under independent inputs)."""
+    ratios = torch.linspace(1.0, 0.55, 19) if ratios is None else ratios
+    wg = _grouped(w.float(), group)
+    hg = h_diag.float().reshape(1, wg.shape[1], wg.shape[2])
+    best = torch.ones(wg.shape[:2])
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    for r in ratios:
+        clip = torch.full(wg.shape[:2], float(r))
+        scale, zp = group_params(wg, bits, symmetric, clip)
+        q = quant_codes(wg, scale, zp, bits, symmetric).float()
+        deq = (q - (0 if zp is None else zp[..., None])) * scale[..., None]
+        err = ((deq - wg) ** 2 * hg).sum(-1)
+        better = err < best_err
+        best = torch.where(better, clip, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True,
+         act_order: bool = False, damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each
+    column's error onto the columns not yet quantized, weighted by the inverse
+    Hessian H = E[x x^T] of the layer's inputs (through its Cholesky factor).
+
+    Group scales are chosen when a group's first column is reached (from the
+    error-updated weights); with ``act_order`` columns go in order of decreasing
+    H diagonal and the scales are fixed up front from the original weights
+    ("static groups"), so groups stay contiguous runs of K, as the kernels need.
+    """
+    n, k = w.shape
+    g = k if group is None else group
+    W = w.detach().double().clone()
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = None
+    if act_order or group is None:
+        static = group_params(_grouped(W.float(), group), bits, symmetric)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.int32)
+    scales = torch.zeros(n, k // g, dtype=torch.float32)
+    zps = None if symmetric else torch.zeros(n, k // g, dtype=torch.float32)
+    if static is not None:
+        scales.copy_(static[0])
+        if zps is not None:
+            zps.copy_(static[1])
+    block = max(block, g) // g * g if g <= block else g
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = int(perm[col]) // g
+            if static is None and col % g == 0:  # a new group starts here (never straddles blocks)
+                s, z = group_params(W1[:, i:i + g].float(), bits, symmetric)
+                scales[:, gi] = s
+                if zps is not None:
+                    zps[:, gi] = z
+            s = scales[:, gi]
+            z = None if zps is None else zps[:, gi]
+            q = quant_codes(W1[:, i:i + 1].float(), s, z, bits, symmetric)[:, 0]
+            codes[:, col] = q
+            deq = (q.double() - (0 if z is None else z.double())) * s.double()
+            err = (W1[:, i] - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return QuantizedWeight(codes[:, inv].contiguous(), scales, zps, bits, group)
+
+
+def awq(w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group: Optional[int],
+        symmetric: bool = True, grid: int = 20) -> QuantizedWeight:
+    """AWQ-style (Lin et al. 2023): scale input channel j of the weight by
+    s_j = mean|x_j|^alpha (alpha searched on a grid to minimise the output error on
+    the sample x), so salient channels get finer steps; the layer multiplies its
+    input by 1/s at run time. Then a per-group clip search on the scaled weight."""
+    w = w.detach().float()
+    x = x.float()
+    ref = x @ w.T
+    h_diag = (x * x).mean(0)
+    best, best_err = None, float("inf")
+    am = act_mean.float().clamp(min=1e-8)
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = am.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        q = rtn(w * s, bits, group, symmetric)
+        err = float(((x @ (q.dequantize() / s).T) - ref).pow(2).mean())
+        if err < best_err:
+            best, best_err = s, err
+    s = best
+    ws = w * s
+    clip = clip_search(ws, h_diag / (s * s), bits, group, symmetric)
+    q = rtn(ws, bits, group, symmetric, clip)
+    q.input_scale = (1.0 / s).float()
+    return q
+
+
+class LayerStats:
+    """What one layer's inputs look like over the calibration data: the Hessian
+    E[x x^T] (float64 [K, K]), mean |x| per channel, and a bounded row sample."""
+
+    def __init__(self, k: int, max_rows: int = 2048, need_hessian: bool = True):
+        self.k, self.rows, self.max_rows = k, 0, max_rows
+        self.h = torch.zeros(k, k, dtype=torch.float64) if need_hessian else None
+        self.abs_sum = torch.zeros(k, dtype=torch.float64)
+        self.sample: list = []
+        self._kept = 0
+        self._gen = torch.Generator().manual_seed(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.k).double()
+        if self.h is not None:
+            self.h += x.T @ x
+        self.abs_sum += x.abs().sum(0)
+        self.rows += x.shape[0]
+        if self._kept < self.max_rows:
+            take = x[torch.randperm(x.shape[0], generator=self._gen)[: self.max_rows - self._kept]]
+            self.sample.append(take.float())
+            self._kept += take.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.h / max(self.rows, 1)
+
+    @property
+    def act_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.rows, 1)).float()
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat(self.sample)

@@ -9,7 +9,7 @@ import lowbit
 
 # By module path: lowbit.matmul is also the function's name.
 MODULES = [importlib.import_module(f"lowbit.{name}") for name in
-           ("arrays", "floats", "fake_quant", "runtime", "matmul", "api", "torch_api", "io")]
+           ("arrays", "floats", "fake_quant", "runtime", "matmul", "api", "torch_api", "io", "qat", "calibrate.calibrator")]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -48,6 +48,14 @@ def op_samples():
     yield "fake_quantize", (torch.empty(0, 3), torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), -8, 7, None)
     xg = torch.randn(5, 7)
     yield "fake_quantize_grad", (torch.randn(5, 7), xg, torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), -8, 7, None)
+    yield "fake_quantize", (torch.randn(3, 64), torch.rand(6) + 0.05, torch.zeros(6, dtype=torch.int32), -8, 7, None, 32)
+    yield "linear", linear_args(bits=8, group=None, act_bits=8) + (0.02,)            # static activation scale
+    yield "fake_quantize_learnable", (torch.randn(5, 7, requires_grad=True), torch.tensor([0.1], requires_grad=True),
+                                      torch.tensor([0.4], requires_grad=True), -8, 7, None, 0, 0.5)
+    yield "fake_quantize_learnable", (torch.randn(4, 6, requires_grad=True), (torch.rand(4) + 0.05).requires_grad_(),
+                                      torch.zeros(4, requires_grad=True), 0, 15, 0, 0, 1.0)
+    yield "fake_quantize_learnable_grad", (torch.randn(2, 32), torch.randn(2, 32), torch.rand(4) + 0.05,
+                                           torch.zeros(4), -8, 7, None, 16, 1.0)
 
 
 SAMPLES = list(op_samples())
@@ -118,7 +126,7 @@ def test_quantize_model_selection_and_summary(capsys):
     with pytest.raises(ValueError, match="method"):
         lowbit.quantize(m2, method="gptq-xl")
     with pytest.raises(ValueError, match="bits"):
-        lowbit.quantize(torch.nn.Linear(128, 128), bits=3)
+        lowbit.quantize(torch.nn.Linear(128, 128), bits=5)
 
 
 def test_compile_fullgraph_and_export():

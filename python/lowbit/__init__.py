@@ -24,6 +24,8 @@ _TORCH_API = {
     "fake_quantize": ("torch_api", "fake_quantize"),
     "Calibrator": ("calibrate", "Calibrator"),
     "calibrate": ("calibrate", None),  # the package, callable as the function
+    "prepare_qat": ("qat", "prepare_qat"),
+    "convert": ("qat", "convert"),
     "save": ("io", "save"),
     "load": ("io", "load"),
 }

@@ -44,8 +44,10 @@ def _layout(x: np.ndarray, scale, zero_point, axis, group_size):
         raise ValueError(f"scale must have {channels} elements, got {s.size}")
     if z.size != channels:
         raise ValueError(f"zero_point must have {channels} elements, got {z.size}")
-    if not np.all(np.isfinite(s)) or not np.all(s > 0):
-        raise ValueError("scale must be finite and > 0")
+    # Like torch's fake_quantize_* ops, any finite non-zero scale works; a negative
+    # one mirrors the codes (lowbit's symmetric rule produces them).
+    if not np.all(np.isfinite(s)) or not np.all(s != 0):
+        raise ValueError("scale must be finite and non-zero")
     return outer, channels, inner, np.ascontiguousarray(s), np.ascontiguousarray(z)
 
 

@@ -9,7 +9,9 @@ Ops (namespace ``lowbit``):
   dequantize(packed, scales, zero_points, k, bits, group_size, symmetric, dtype) -> x
   linear(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale) -> y
   linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size) -> grad_x
-  fake_quantize(x, scale, zero_point, quant_min, quant_max, axis) -> y  (STE gradient)
+  fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, group_size) -> y  (STE gradient)
+  fake_quantize_learnable(x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor) -> y
+      (STE for x, LSQ gradients for scale and the float zero point)
 ``group_size`` 0 means one group per row; ``act_bits`` 0 means float activations.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .arrays import QArray, dequantize_array, quantize_array
 from .fake_quant import fake_quantize_array, fake_quantize_backward_array
 from .matmul import PackedWeights, dequantize_packed, matmul
 
-__all__ = ["quantize", "dequantize", "linear", "linear_grad_input", "fake_quantize"]
+__all__ = ["quantize", "dequantize", "linear", "linear_grad_input", "fake_quantize", "fake_quantize_grad",
+           "fake_quantize_learnable", "fake_quantize_learnable_grad"]
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -158,45 +161,130 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ---------------------------------------------------------------- fake quantize
+def _fq_layout(axis: Optional[int], group_size: int) -> dict:
+    return dict(axis=axis, group_size=group_size or None)
+
+
 @torch.library.custom_op("lowbit::fake_quantize", mutates_args=())
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
-                  axis: Optional[int]) -> Tensor:
-    """torch.fake_quantize_per_{tensor,channel}_affine numerics on the Highway kernel."""
+                  axis: Optional[int], group_size: int = 0) -> Tensor:
+    """torch.fake_quantize_per_{tensor,channel}_affine numerics on the Highway kernel
+    (group_size > 0: one scale per group_size elements of the last axis)."""
     xf = x.float()
     out = fake_quantize_array(_np(xf), _np(scale.float()), _np(zero_point.to(torch.int32)), quant_min, quant_max,
-                              axis=axis)
+                              **_fq_layout(axis, group_size))
     return torch.from_numpy(out).to(x.dtype)
 
 
 @fake_quantize.register_fake
-def _(x, scale, zero_point, quant_min, quant_max, axis):
+def _(x, scale, zero_point, quant_min, quant_max, axis, group_size=0):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("lowbit::fake_quantize_grad", mutates_args=())
 def fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
-                       quant_max: int, axis: Optional[int]) -> Tensor:
+                       quant_max: int, axis: Optional[int], group_size: int = 0) -> Tensor:
     """Straight-through input gradient: grad where the code is inside [quant_min, quant_max]."""
     dx = fake_quantize_backward_array(_np(x.float()), _np(grad.float()), _np(scale.float()),
-                                      _np(zero_point.to(torch.int32)), quant_min, quant_max, axis=axis)
+                                      _np(zero_point.to(torch.int32)), quant_min, quant_max,
+                                      **_fq_layout(axis, group_size))
     return torch.from_numpy(dx).to(grad.dtype)
 
 
 @fake_quantize_grad.register_fake
-def _(grad, x, scale, zero_point, quant_min, quant_max, axis):
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis, group_size=0):
     return grad.new_empty(grad.shape)
 
 
 def _fq_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max, axis = inputs
+    x, scale, zero_point, quant_min, quant_max, axis, group_size = inputs
     ctx.save_for_backward(x, scale, zero_point)
-    ctx.meta = (quant_min, quant_max, axis)
+    ctx.meta = (quant_min, quant_max, axis, group_size)
 
 
 def _fq_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
-    qmin, qmax, axis = ctx.meta
-    return torch.ops.lowbit.fake_quantize_grad(grad, x, scale, zero_point, qmin, qmax, axis), None, None, None, None, None
+    qmin, qmax, axis, group_size = ctx.meta
+    dx = torch.ops.lowbit.fake_quantize_grad(grad, x, scale, zero_point, qmin, qmax, axis, group_size)
+    return dx, None, None, None, None, None, None
 
 
 fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+# ---------------------------------------------------------------- learnable (LSQ) fake quantize
+def _channels_view(t: Tensor, axis: Optional[int], group_size: int) -> Tensor:
+    """t as [outer, C, inner] with C the scale count (1 for per tensor)."""
+    if group_size:
+        return t.reshape(1, -1, group_size)
+    if axis is None:
+        return t.reshape(1, 1, -1)
+    axis %= t.dim()
+    return t.reshape(int(np.prod(t.shape[:axis], dtype=np.int64)), t.shape[axis], -1)
+
+
+def _rounded_zero_point(zero_point: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    # The learnable ops keep a float zero point and quantize with it rounded and
+    # clamped, as torch._fake_quantize_learnable_* do.
+    return zero_point.detach().float().round().clamp(quant_min, quant_max).to(torch.int32)
+
+
+@torch.library.custom_op("lowbit::fake_quantize_learnable", mutates_args=())
+def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                            axis: Optional[int], group_size: int, grad_factor: float) -> Tensor:
+    """Fake quantization whose scale and (float) zero point learn by LSQ, with the
+    numerics of torch._fake_quantize_learnable_per_{tensor,channel}_affine."""
+    return fake_quantize(x, scale.detach(), _rounded_zero_point(zero_point, quant_min, quant_max), quant_min,
+                         quant_max, axis, group_size)
+
+
+@fake_quantize_learnable.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("lowbit::fake_quantize_learnable_grad", mutates_args=())
+def fake_quantize_learnable_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
+                                 quant_max: int, axis: Optional[int], group_size: int,
+                                 grad_factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dscale, dzero_point): STE for x; LSQ for scale and zero point:
+    inside the range dscale = (fq(x) - x) / scale, below/above it qmin - zp / qmax - zp,
+    dzero_point = -scale outside the range and 0 inside; summed per scale, times grad_factor.
+    (+inf saturates to quant_max here, forward and backward alike; torch's learnable
+    ops convert codes to int64 first and so treat +inf as below the range.)"""
+    zp = _rounded_zero_point(zero_point, quant_min, quant_max)
+    dx = fake_quantize_grad(grad, x, scale.detach(), zp, quant_min, quant_max, axis, group_size)
+    xv = _channels_view(x.detach().float(), axis, group_size)
+    gv = _channels_view(grad.float(), axis, group_size)
+    s = scale.detach().float().reshape(1, -1, 1)
+    z = zp.float().reshape(1, -1, 1)
+    inv = 1.0 / s
+    xq = torch.round(xv * inv + z)
+    below, above = xq < quant_min, xq > quant_max
+    inside = ~(below | above)
+    fq = (xq.clamp(quant_min, quant_max) - z) * s
+    ds = torch.where(inside, (fq - xv) * inv, torch.where(below, quant_min - z, quant_max - z)) * gv
+    dz = torch.where(inside, torch.zeros_like(xv), -s * gv)
+    dscale = (ds.sum(dim=(0, 2)) * grad_factor).reshape(scale.shape).to(scale.dtype)
+    dzp = (dz.sum(dim=(0, 2)) * grad_factor).reshape(zero_point.shape).to(zero_point.dtype)
+    return dx, dscale, dzp
+
+
+@fake_quantize_learnable_grad.register_fake
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor):
+    return grad.new_empty(grad.shape), scale.new_empty(scale.shape), zero_point.new_empty(zero_point.shape)
+
+
+def _fql_setup(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.meta = (quant_min, quant_max, axis, group_size, grad_factor)
+
+
+def _fql_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    dx, ds, dz = torch.ops.lowbit.fake_quantize_learnable_grad(grad, x, scale, zero_point, *ctx.meta)
+    return dx, ds, dz, None, None, None, None, None
+
+
+fake_quantize_learnable.register_autograd(_fql_backward, setup_context=_fql_setup)

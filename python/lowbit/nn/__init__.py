@@ -1,4 +1,6 @@
 """lowbit's torch modules."""
+from .fake_quantize import FakeQuantize
+from .qat_linear import QATLinear
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "FakeQuantize", "QATLinear"]

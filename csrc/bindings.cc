@@ -241,8 +241,23 @@ bool FakeQuantForward(const py::array& x, size_t outer, size_t channels, size_t 
 
 void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, size_t channels,
                        size_t inner, const py::array& scales, const py::array& zps, int qmin,
-                       int qmax, py::array dx) {
+                       int qmax, py::array dx, const py::object& dscale_obj, const py::object& dzp_obj) {
   CheckChannels(x, outer, channels, inner, scales, zps);
+  double* dscale = nullptr;
+  double* dzp = nullptr;
+  py::array ds_arr, dz_arr;
+  if (!dscale_obj.is_none() || !dzp_obj.is_none()) {
+    if (dscale_obj.is_none() || dzp_obj.is_none()) Fail("dscale and dzero_point go together");
+    ds_arr = dscale_obj.cast<py::array>();
+    dz_arr = dzp_obj.cast<py::array>();
+    for (const py::array* a : {&ds_arr, &dz_arr}) {
+      if (!a->dtype().is(py::dtype::of<double>()) || !(a->flags() & py::array::c_style) || !a->writeable() ||
+          static_cast<size_t>(a->size()) != channels)
+        Fail("dscale / dzero_point must be writable float64 arrays with one element per channel");
+    }
+    dscale = static_cast<double*>(ds_arr.mutable_data());
+    dzp = static_cast<double*>(dz_arr.mutable_data());
+  }
   CheckFlat(dy, "grad", Kind::kF32, x.size(), false);
   CheckFlat(dx, "out", Kind::kF32, x.size(), true);
   const float* px = static_cast<const float*>(x.data());
@@ -251,7 +266,7 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
   const int32_t* z = static_cast<const int32_t*>(zps.data());
   float* o = static_cast<float*>(dx.mutable_data());
   py::gil_scoped_release release;
-  lowbit::FakeQuantBackward(px, pdy, outer, channels, inner, s, z, qmin, qmax, o);
+  lowbit::FakeQuantBackward(px, pdy, outer, channels, inner, s, z, qmin, qmax, o, dscale, dzp);
 }
 
 // The tiled weights as Python hands them over: arrays plus their shape facts,
@@ -464,7 +479,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("fake_quant_backward", &FakeQuantBackward, py::arg("x"), py::arg("grad"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("scale"),
         py::arg("zero_point"), py::arg("quant_min"), py::arg("quant_max"),
-        py::arg("out").noconvert());
+        py::arg("out").noconvert(), py::arg("dscale").none(true) = py::none(),
+        py::arg("dzero_point").none(true) = py::none());
 
   m.def("pack_tiled", &PackTiled, py::arg("codes"), py::arg("bits"), py::arg("symmetric"),
         py::arg("group"), py::arg("scales"), py::arg("zero_points").none(true),

@@ -74,3 +74,25 @@ def test_matches_torch_fake_quantize(rng):
 def test_nan_is_rejected():
     with pytest.raises(ValueError, match="NaN"):
         lowbit.fake_quantize_array(np.array([1.0, np.nan], np.float32), 0.1, 0, -8, 7)
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(axis=0), dict(axis=-1), dict(group_size=35)])
+def test_lsq_sums_match_reference(target, rng, layout):
+    # 3 x 70000 elements: runs longer than one 64 Ki piece are summed across pieces.
+    x = boundary_inputs(rng, (3, 5, 14000), 0.05).reshape(3, 70000)
+    x[0, 0], x[1, 1] = np.inf, -np.inf
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    if "axis" in layout:
+        c = x.shape[layout["axis"]]
+    elif "group_size" in layout:
+        c = x.size // 35
+    else:
+        c = 1
+    s = rng.uniform(0.02, 0.1, c).astype(np.float32)
+    z = rng.integers(-2, 3, c).astype(np.int32)
+    dx, ds, dz = lowbit.fake_quantize_backward_array(x, g, s, z, -8, 7, lsq=True, **layout)
+    np.testing.assert_array_equal(dx, np.where(ref.fake_quantize_mask(x, s, z, -8, 7, **layout), g, 0))
+    rds, rdz = ref.fake_quantize_lsq(x, g, s, z, -8, 7, **layout)
+    scale_of = np.abs(g).reshape(-1).sum() / c + 1
+    np.testing.assert_allclose(ds, rds, rtol=1e-5, atol=1e-5 * scale_of)
+    np.testing.assert_allclose(dz, rdz, rtol=1e-5, atol=1e-5 * scale_of)

@@ -60,10 +60,13 @@ void Fp8ToF32(const uint8_t* in, float* out, size_t n, Fp8Kind kind);
 bool FakeQuantForward(const float* x, size_t outer, size_t channels, size_t inner,
                       const float* scales, const int32_t* zps, int qmin, int qmax, float* out,
                       uint8_t* mask);
-// dx = mask(x) ? dy : 0 with the mask above.
+// dx = mask(x) ? dy : 0 with the mask above. When dscale/dzp are non-null they
+// receive the LSQ sums per channel (float64 [channels], the caller scales them):
+//   dscale += dy * (in range ? (out - x) / scale : below ? qmin - zp : qmax - zp)
+//   dzp    += dy * (in range ? 0 : -scale)
 void FakeQuantBackward(const float* x, const float* dy, size_t outer, size_t channels,
                        size_t inner, const float* scales, const int32_t* zps, int qmin, int qmax,
-                       float* dx);
+                       float* dx, double* dscale = nullptr, double* dzp = nullptr);
 
 // ---- matmul (formats.h "Matmul weight layout") ----
 struct TiledWeights {

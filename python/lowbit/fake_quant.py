@@ -84,14 +84,20 @@ def fake_quantize_array(x, scale, zero_point, quant_min: int, quant_max: int, ax
 
 
 def fake_quantize_backward_array(x, grad, scale, zero_point, quant_min: int, quant_max: int,
-                                 axis=None, group_size=None):
-    """Straight-through input gradient: grad where the code is in range, else 0."""
+                                 axis=None, group_size=None, lsq: bool = False):
+    """Straight-through input gradient: grad where the code is in range, else 0.
+
+    ``lsq=True`` also returns the LSQ sums per scale (float64, before any grad
+    factor): (dx, dscale, dzero_point), see ``csrc/lowbit/kernels.h``.
+    """
     x = _check(x, quant_min, quant_max)
     if not isinstance(grad, np.ndarray) or grad.dtype != np.float32 or grad.shape != x.shape:
         raise TypeError("grad must be a float32 array shaped like x")
     outer, channels, inner, s, z = _layout(x, scale, zero_point, axis, group_size)
     dx = np.empty_like(x)
+    ds = np.zeros(channels, np.float64) if lsq else None
+    dz = np.zeros(channels, np.float64) if lsq else None
     if x.size:
         _C.fake_quant_backward(x, np.ascontiguousarray(grad), outer, channels, inner, s, z,
-                               int(quant_min), int(quant_max), dx)
-    return dx
+                               int(quant_min), int(quant_max), dx, ds, dz)
+    return (dx, ds, dz) if lsq else dx

@@ -213,16 +213,6 @@ fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
 
 
 # ---------------------------------------------------------------- learnable (LSQ) fake quantize
-def _channels_view(t: Tensor, axis: Optional[int], group_size: int) -> Tensor:
-    """t as [outer, C, inner] with C the scale count (1 for per tensor)."""
-    if group_size:
-        return t.reshape(1, -1, group_size)
-    if axis is None:
-        return t.reshape(1, 1, -1)
-    axis %= t.dim()
-    return t.reshape(int(np.prod(t.shape[:axis], dtype=np.int64)), t.shape[axis], -1)
-
-
 def _rounded_zero_point(zero_point: Tensor, quant_min: int, quant_max: int) -> Tensor:
     # The learnable ops keep a float zero point and quantize with it rounded and
     # clamped, as torch._fake_quantize_learnable_* do.
@@ -253,21 +243,12 @@ def fake_quantize_learnable_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_po
     (+inf saturates to quant_max here, forward and backward alike; torch's learnable
     ops convert codes to int64 first and so treat +inf as below the range.)"""
     zp = _rounded_zero_point(zero_point, quant_min, quant_max)
-    dx = fake_quantize_grad(grad, x, scale.detach(), zp, quant_min, quant_max, axis, group_size)
-    xv = _channels_view(x.detach().float(), axis, group_size)
-    gv = _channels_view(grad.float(), axis, group_size)
-    s = scale.detach().float().reshape(1, -1, 1)
-    z = zp.float().reshape(1, -1, 1)
-    inv = 1.0 / s
-    xq = torch.round(xv * inv + z)
-    below, above = xq < quant_min, xq > quant_max
-    inside = ~(below | above)
-    fq = (xq.clamp(quant_min, quant_max) - z) * s
-    ds = torch.where(inside, (fq - xv) * inv, torch.where(below, quant_min - z, quant_max - z)) * gv
-    dz = torch.where(inside, torch.zeros_like(xv), -s * gv)
-    dscale = (ds.sum(dim=(0, 2)) * grad_factor).reshape(scale.shape).to(scale.dtype)
-    dzp = (dz.sum(dim=(0, 2)) * grad_factor).reshape(zero_point.shape).to(zero_point.dtype)
-    return dx, dscale, dzp
+    dx, ds, dz = fake_quantize_backward_array(_np(x.float()), _np(grad.float()), _np(scale.detach().float()),
+                                              _np(zp), quant_min, quant_max, lsq=True,
+                                              **_fq_layout(axis, group_size))
+    dscale = torch.from_numpy(ds * grad_factor).to(scale.dtype).reshape(scale.shape)
+    dzp = torch.from_numpy(dz * grad_factor).to(zero_point.dtype).reshape(zero_point.shape)
+    return torch.from_numpy(dx).to(grad.dtype), dscale, dzp
 
 
 @fake_quantize_learnable_grad.register_fake

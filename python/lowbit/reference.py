@@ -267,6 +267,21 @@ def fake_quantize_mask(x, scale, zero_point, quant_min, quant_max, axis=None, gr
     return ((r >= quant_min - zp) & (r <= quant_max - zp)).reshape(shape)
 
 
+def fake_quantize_lsq(x, grad, scale, zero_point, quant_min, quant_max, axis=None, group_size=None):
+    """LSQ sums per scale (float64): dscale = sum g * (in range ? (fq - x) / s : bound - zp),
+    dzero_point = sum g * (in range ? 0 : -s), bound = qmin below the range, qmax above."""
+    xv, s, zp = _channel_view(x, scale, zero_point, axis, group_size)
+    gv = np.asarray(grad, np.float32).reshape(xv.shape)
+    inv = (np.float32(1) / s).astype(np.float32)
+    r = np.rint((xv * inv).astype(np.float32)).astype(np.float64)
+    lo, hi = (quant_min - zp).astype(np.float64), (quant_max - zp).astype(np.float64)
+    inside = (r >= lo) & (r <= hi)
+    term = np.where(inside, (r * s - xv) * inv, np.where(r < lo, lo, hi))
+    dz = np.where(inside, 0.0, -s.astype(np.float64)) * gv
+    keep = tuple(i for i in range(xv.ndim) if s.shape[i] == 1)
+    return (np.sum(term * gv, axis=keep).reshape(-1), np.sum(np.broadcast_to(dz, xv.shape), axis=keep).reshape(-1))
+
+
 # ---------------------------------------------------------------- matmul
 def quantize_activations(x):
     """Per-row symmetric int8 activations: scale = amax/127 of finite |x|,

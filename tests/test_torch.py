@@ -192,3 +192,16 @@ def test_numpy_layer_works_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "IMPORT_ERROR lowbit.quantize needs PyTorch" in out.stdout
+
+
+def test_state_dict_loads_into_a_fresh_quant_linear():
+    from lowbit.config import QuantConfig
+    for cfg in (QuantConfig(4, 32), QuantConfig(8, None, False, 8)):
+        src = QuantLinear.from_linear(torch.nn.Linear(64, 40), cfg)
+        fresh = QuantLinear(64, 40, True, cfg)
+        fresh.load_state_dict(src.state_dict())
+        x = torch.randn(3, 64)
+        assert torch.equal(fresh(x), src(x))
+    wrong = QuantLinear(64, 100, True, QuantConfig(4, 32))
+    with pytest.raises(ValueError, match="expected"):
+        wrong.load_state_dict(QuantLinear.from_linear(torch.nn.Linear(64, 40), QuantConfig(4, 32)).state_dict())

@@ -276,7 +276,8 @@ def fake_quantize_lsq(x, grad, scale, zero_point, quant_min, quant_max, axis=Non
     r = np.rint((xv * inv).astype(np.float32)).astype(np.float64)
     lo, hi = (quant_min - zp).astype(np.float64), (quant_max - zp).astype(np.float64)
     inside = (r >= lo) & (r <= hi)
-    term = np.where(inside, (r * s - xv) * inv, np.where(r < lo, lo, hi))
+    with np.errstate(invalid="ignore"):  # inf - inf in the branch np.where discards
+        term = np.where(inside, (r * s - xv) * inv, np.where(r < lo, lo, hi))
     dz = np.where(inside, 0.0, -s.astype(np.float64)) * gv
     keep = tuple(i for i in range(xv.ndim) if s.shape[i] == 1)
     return (np.sum(term * gv, axis=keep).reshape(-1), np.sum(np.broadcast_to(dz, xv.shape), axis=keep).reshape(-1))

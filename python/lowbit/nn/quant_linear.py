@@ -98,6 +98,25 @@ class QuantLinear(nn.Module):
             mod.input_scale = q.input_scale.float().clone()
         return mod
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh layer holds empty placeholders: take the tiles' shapes from the
+        # state dict (their sizes are checked against the tiled layout first).
+        from ..io import expected_packed_shapes
+        c = self.config
+        want = expected_packed_shapes(dict(out_features=self.out_features, in_features=self.in_features,
+                                           bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
+        dtypes = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
+        for part, (dt, shape) in want.items():
+            t = state_dict.get(prefix + part)
+            if t is None:
+                continue
+            if tuple(t.shape) != shape or t.dtype != dtypes[dt]:
+                raise ValueError(f"{prefix + part}: expected {dtypes[dt]} {list(shape)} for {c.label} "
+                                 f"[{self.out_features}x{self.in_features}], got {t.dtype} {list(t.shape)}")
+            if getattr(self, part).shape != t.shape:
+                setattr(self, part, torch.empty(shape, dtype=dtypes[dt]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)

@@ -302,3 +302,29 @@ def test_cli_quantize_minilm_round_trip(tmp_path, capsys):
         a = ref(input_ids=ids).last_hidden_state.mean(1)
         b = model(input_ids=ids).last_hidden_state.mean(1)
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+
+
+def test_quantized_embeddings_round_trip(tmp_path):
+    torch.manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(500, 64, padding_idx=0), torch.nn.Linear(64, 128))
+    m = model()
+    ids = torch.randint(0, 500, (3, 9))
+    with torch.no_grad():
+        ref = m(ids)
+    lowbit.quantize(m, bits=4, group_size=32, embeddings=8, progress=False)
+    assert isinstance(m[0], lowbit.nn.QuantEmbedding)
+    with torch.no_grad():
+        assert float((m(ids) - ref).pow(2).mean() / ref.pow(2).mean()) < 0.01   # int4 linear, int8 table
+    path = tmp_path / "emb.safetensors"
+    lowbit.save(m, path)
+    info = lowbit.read_info(path)
+    assert set(info.embedding_layers) == {"0"} and set(info.linear_layers) == {"1"}
+    m2 = lowbit.load(path, model())
+    with torch.no_grad():
+        assert torch.equal(m2(ids), m(ids))
+    streamed = lowbit.load(path, model(), stream=True)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids), m(ids))

@@ -205,3 +205,23 @@ def test_state_dict_loads_into_a_fresh_quant_linear():
     wrong = QuantLinear(64, 100, True, QuantConfig(4, 32))
     with pytest.raises(ValueError, match="expected"):
         wrong.load_state_dict(QuantLinear.from_linear(torch.nn.Linear(64, 40), QuantConfig(4, 32)).state_dict())
+
+
+def test_quant_embedding():
+    from lowbit.nn import QuantEmbedding
+    emb = torch.nn.Embedding(300, 96)
+    for bits, group, sym in [(8, None, True), (4, 32, False)]:
+        q = QuantEmbedding.from_embedding(emb, bits, group, sym)
+        ids = torch.randint(0, 300, (4, 5))
+        ref = lowbit.dequantize_array(lowbit.quantize_array(emb.weight.detach().numpy(), bits=bits,
+                                                            group_size=group, symmetric=sym))
+        assert torch.equal(q(ids), torch.from_numpy(ref)[ids])
+        assert torch.equal(torch.compile(q, fullgraph=True)(ids), q(ids))
+    # A table tied to an output head stays float (quantizing it would store it twice).
+    head = torch.nn.Linear(96, 300, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.Sequential(emb, head)
+    lowbit.quantize(m, bits=8, embeddings=8, progress=False, exclude="^1$")
+    assert type(m[0]) is torch.nn.Embedding
+    with pytest.raises(ValueError, match="embeddings"):
+        lowbit.quantize(torch.nn.Sequential(torch.nn.Embedding(300, 96)), embeddings=3, progress=False)

@@ -38,7 +38,8 @@ def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool]:
 def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Optional[int] = 128,
              symmetric: bool = True, activations: Optional[int] = None, method: str = "rtn",
              calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
-             *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = False) -> nn.Module:
+             *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = False,
+             embeddings: Optional[int] = None) -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
@@ -62,6 +63,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         module names. By default output heads (lm_head, classifier, ...) and layers
         with fewer than 4096 weights stay in float; the progress output says which.
       progress: show a progress bar over layers and the skipped layers.
+      embeddings: None (keep nn.Embedding in float) or 8 / 4: store embedding tables
+        of at least 4096 weights as QuantEmbedding (per-row scales), unless tied to
+        another module's weight (an output head sharing it), which would duplicate it.
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -121,9 +125,34 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
                             act_order, progress)
+    if embeddings is not None:
+        skipped += _quantize_embeddings(model, embeddings, _matcher(exclude, "exclude"))
     if progress and skipped:
         print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
     return model
+
+
+def _quantize_embeddings(model: nn.Module, bits: int, skip) -> list:
+    from .nn import QuantEmbedding
+    if bits not in (8, 4):
+        raise ValueError(f"embeddings must be None, 8 or 4, got {bits!r}")
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    skipped = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Embedding:
+            continue
+        shared = [n for n in owners.get(id(mod.weight), []) if n != f"{name}.weight"]
+        if skip(name, mod):
+            skipped.append((name, "excluded"))
+        elif shared:
+            skipped.append((name, f"tied to {shared[0]}"))
+        elif mod.weight.numel() < MIN_WEIGHTS or mod.max_norm is not None or mod.sparse:
+            skipped.append((name, "tiny or max_norm/sparse embedding"))
+        else:
+            _set_module(model, name, QuantEmbedding.from_embedding(mod, bits))
+    return skipped
 
 
 def _select(model: nn.Module, include: Selector, exclude: Selector) -> tuple:
@@ -184,19 +213,27 @@ def summary(model: nn.Module, file=None) -> dict:
             total_before += before
             total_after += after
             quant_ids.update(id(b) for b in (mod.data, mod.scales))
+    from .nn import QuantEmbedding
+    emb_rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantEmbedding):
+            before = mod.num_embeddings * mod.embedding_dim * torch.finfo(mod.orig_dtype).bits // 8
+            emb_rows.append(dict(name=name, shape=(mod.num_embeddings, mod.embedding_dim), config=mod.label,
+                                 bytes_before=before, bytes_after=mod.nbytes, kernel="row gather + dequantize"))
     for p in model.parameters():
         float_params += p.numel() * p.element_size()
     quant_weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
-    out = dict(layers=rows, quantized_bytes_before=total_before, quantized_bytes_after=total_after,
-               float_bytes=float_params,
+    emb_after = sum(r["bytes_after"] for r in emb_rows)
+    out = dict(layers=rows, embeddings=emb_rows, quantized_bytes_before=total_before,
+               quantized_bytes_after=total_after, float_bytes=float_params,
                bits_per_weight=8.0 * total_after / quant_weights if quant_weights else float("nan"),
-               model_bytes=float_params + total_after)
+               model_bytes=float_params + total_after + emb_after)
     if file is not None:
         print(f"{'layer':40s} {'shape':>14s} {'format':>14s} {'KiB before':>11s} {'KiB after':>10s}  kernel", file=file)
-        for r in rows:
+        for r in rows + emb_rows:
             print(f"{r['name'][:40]:40s} {str(r['shape']):>14s} {r['config']:>14s} {r['bytes_before'] / 1024:11.1f} "
                   f"{r['bytes_after'] / 1024:10.1f}  {r['kernel']}", file=file)
         print(f"{len(rows)} layers: {total_before / 2**20:.2f} MiB -> {total_after / 2**20:.2f} MiB "
-              f"({out['bits_per_weight']:.3f} bits/weight); other float tensors {float_params / 2**20:.2f} MiB",
-              file=file)
+              f"({out['bits_per_weight']:.3f} bits/weight); quantized embeddings {emb_after / 2**20:.2f} MiB; "
+              f"other float tensors {float_params / 2**20:.2f} MiB", file=file)
     return out

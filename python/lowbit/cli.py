@@ -202,7 +202,10 @@ def file_info(path, out=None):
     from .io import read_info
     fi = read_info(path)
     layer_of = {}
-    for name, m in fi.layers.items():
+    for name, m in fi.embedding_layers.items():
+        for part in ("packed", "scales", "zero_points"):
+            layer_of[f"{name}.{part}"] = f"embedding int{m['bits']} [{m['num_embeddings']}x{m['embedding_dim']}] {part}"
+    for name, m in fi.linear_layers.items():
         label = f"int{m['bits']} " + ("per-row" if m["group_size"] is None else f"g{m['group_size']}") + \
             ("" if m["symmetric"] else " asym") + (" A8" if m["act_bits"] else "")
         for part in ("data", "scales", "offsets"):
@@ -213,7 +216,7 @@ def file_info(path, out=None):
     for name, t in fi.tensors.items():
         print(f"{name[:48]:48s} {t.dtype:>5s} {str(list(t.shape)):>18s} {t.nbytes:11d} {t.begin:11d}  "
               f"{layer_of.get(name, 'float')}", file=out)
-    weights = sum(m["in_features"] * m["out_features"] for m in fi.layers.values())
+    weights = sum(m["in_features"] * m["out_features"] for m in fi.linear_layers.values())
     if weights:
         print(f"quantized: {fi.packed_bytes / 2**20:.2f} MiB for {weights} weights "
               f"({8 * fi.packed_bytes / weights:.3f} bits/weight); other tensors "
@@ -224,7 +227,7 @@ def file_info(path, out=None):
 
 
 def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activations=None, symmetric=True,
-                   out=None) -> int:
+                   out=None, embeddings=None) -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
     and write a lowbit file; the transformers config travels in its header."""
     out = out or sys.stdout
@@ -245,7 +248,7 @@ def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activa
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModel.from_pretrained(source).eval()
     lowbit.quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
-                    progress=False)
+                    progress=False, embeddings=embeddings)
     size = lowbit.save(model, dest, metadata={"hf_config": model.config.to_json_string(),
                                               "hf_class": type(model).__name__})
     s = lowbit.summary(model)
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     q.add_argument("--group-size", type=int, default=128, help="0 for per-row scales")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
+    q.add_argument("--embeddings", type=int, choices=(8, 4), default=None,
+                   help="also store large untied embedding tables as int8/int4 rows")
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
     d.add_argument("--weights-only", action="store_true", help="only the NumPy per-format weight table")
     b = sub.add_parser("bench", help="quick GEMV speed check on this machine")
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
         if args.group_size < 0:
             parser.error("--group-size must be >= 0")
         quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
-                       not args.asym)
+                       not args.asym, embeddings=args.embeddings)
     elif args.command == "demo":
         if not args.weights_only:
             model_demo()

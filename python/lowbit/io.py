@@ -92,10 +92,19 @@ class FileInfo:
     extra: dict            # the header's other __metadata__ pairs (str -> str)
 
     @property
+    def linear_layers(self) -> dict:
+        """The QuantLinear entries of ``layers`` (module name -> metadata)."""
+        return {n: m for n, m in self.layers.items() if m.get("module") == "QuantLinear"}
+
+    @property
+    def embedding_layers(self) -> dict:
+        return {n: m for n, m in self.layers.items() if m.get("module") == "QuantEmbedding"}
+
+    @property
     def packed_bytes(self) -> int:
-        """Bytes of the QuantLinear tensors (data, scales, offsets)."""
-        return sum(self.tensors[k].nbytes for name in self.layers for k in _layer_keys(name, self.layers[name])
-                   if k in self.tensors)
+        """Bytes of the QuantLinear tiles (data, scales, offsets)."""
+        return sum(self.tensors[k].nbytes for name in self.linear_layers
+                   for k in _layer_keys(name, self.layers[name]) if k in self.tensors)
 
 
 def _layer_keys(name: str, meta: dict) -> list:
@@ -152,7 +161,13 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
         raise TypeError("metadata must map str to str")
     layers = {}
     first = []  # QuantLinear tensors, module order
+    from .nn import QuantEmbedding
     for name, mod in model.named_modules():
+        if isinstance(mod, QuantEmbedding):
+            layers[name] = dict(module="QuantEmbedding", num_embeddings=mod.num_embeddings,
+                                embedding_dim=mod.embedding_dim, bits=mod.bits, group_size=mod.group_size,
+                                symmetric=mod.symmetric, orig_dtype=str(mod.orig_dtype).replace("torch.", ""),
+                                padding_idx=mod.padding_idx)
         if isinstance(mod, QuantLinear):
             c = mod.config
             layers[name] = dict(module="QuantLinear", in_features=mod.in_features, out_features=mod.out_features,
@@ -339,8 +354,39 @@ _LAYER_FIELDS = {"module", "in_features", "out_features", "bits", "group_size", 
                  "orig_dtype", "bias", "act_scale", "code_bits"}
 
 
+_EMBEDDING_FIELDS = {"module", "num_embeddings", "embedding_dim", "bits", "group_size", "symmetric", "orig_dtype",
+                     "padding_idx"}
+
+
+def _check_embedding(where: str, name: str, m: dict, tensors: dict) -> None:
+    if set(m) != _EMBEDDING_FIELDS:
+        raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_EMBEDDING_FIELDS)}")
+    v, d, bits, g = m["num_embeddings"], m["embedding_dim"], m["bits"], m["group_size"]
+    if not all(type(x) is int and 0 < x < 2**31 for x in (v, d)):
+        raise FormatError(f"{where}: num_embeddings/embedding_dim must be positive ints")
+    if type(bits) is not int or bits not in (2, 4, 8):
+        raise FormatError(f"{where}: bits must be 8, 4 or 2")
+    if g is not None and (type(g) is not int or g <= 0 or d % g):
+        raise FormatError(f"{where}: group_size {g!r} does not divide embedding_dim={d}")
+    if type(m["symmetric"]) is not bool or m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
+        raise FormatError(f"{where}: symmetric must be a boolean and orig_dtype a float dtype")
+    p = m["padding_idx"]
+    if p is not None and (type(p) is not int or not -v <= p < v):
+        raise FormatError(f"{where}: padding_idx {p!r} out of range")
+    groups = 1 if g is None else d // g
+    want = {"packed": ("U8", (v, (d * bits + 7) // 8)), "scales": ("F32", (v, groups))}
+    if not m["symmetric"]:
+        want["zero_points"] = ("U8", (v, groups))
+    for part, (dt, shape) in want.items():
+        t = tensors.get(f"{name}.{part}")
+        if t is None or t.dtype != dt or t.shape != shape:
+            raise FormatError(f"{where}: {name}.{part} must be {dt} {list(shape)}")
+
+
 def _check_layer(path: str, name: str, m, tensors: dict) -> None:
     where = f"{path}: layer {name!r}"
+    if isinstance(m, dict) and m.get("module") == "QuantEmbedding" and name:
+        return _check_embedding(where, name, m, tensors)
     if not isinstance(m, dict) or set(m) != _LAYER_FIELDS:
         raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)}")
     if m["module"] != "QuantLinear":
@@ -464,7 +510,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
     import torch
 
     from .config import QuantConfig
-    from .nn import QuantLinear
+    from .nn import QuantEmbedding, QuantLinear
 
     if model is None:
         if stream:
@@ -477,7 +523,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
     if max_resident_bytes is not None and not stream:
         raise ValueError("max_resident_bytes only applies with stream=True")
     info = read_info(path)
-    if stream and not info.layers:
+    if stream and not info.linear_layers:
         raise ValueError(f"{info.path}: no quantized layers to stream")
     verify = (not stream) if verify is None else verify
     mm = _map_file(info.path) if stream else None
@@ -490,6 +536,15 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                 old = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"model has no module {name!r}, which the file quantizes") from None
+            if m["module"] == "QuantEmbedding":
+                if not isinstance(old, (torch.nn.Embedding, QuantEmbedding)) or \
+                        (old.num_embeddings, old.embedding_dim) != (m["num_embeddings"], m["embedding_dim"]):
+                    raise ValueError(f"model.{name} must be an Embedding({m['num_embeddings']}, "
+                                     f"{m['embedding_dim']}) to take the file's table, got {old!r}")
+                replacements[name] = QuantEmbedding(m["num_embeddings"], m["embedding_dim"], m["bits"],
+                                                    m["group_size"], m["symmetric"], m["padding_idx"],
+                                                    getattr(torch, m["orig_dtype"]))
+                continue
             if not isinstance(old, (torch.nn.Linear, QuantLinear)) or \
                     (old.in_features, old.out_features) != (m["in_features"], m["out_features"]):
                 raise ValueError(f"model.{name} must be a Linear({m['in_features']}, {m['out_features']}) "
@@ -500,7 +555,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                                              dtype=getattr(torch, m["orig_dtype"]),
                                              has_input_scale=f"{name}.input_scale" in info.tensors)
             replacements[name].act_scale = float(m["act_scale"])
-        packed = {f"{n}.{p}" for n, m in info.layers.items() for p in expected_packed_shapes(m)}
+        packed = {f"{n}.{p}" for n, m in info.linear_layers.items() for p in expected_packed_shapes(m)}
         expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in replacements}
         expected |= {f"{n}.{k}" for n, mod in replacements.items() for k in mod.state_dict()}
         sd = _tensors(info, verify, packed if stream else frozenset(), mm)
@@ -513,7 +568,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
             setattr(model.get_submodule(parent) if parent else model, attr, new)
         # Tiles go straight into the QuantLinear buffers (their placeholders are
         # empty, so load_state_dict would reject the shapes); the rest loads strictly.
-        for name in info.layers:
+        for name in info.linear_layers:
             mod = model.get_submodule(name)
             for part in expected_packed_shapes(info.layers[name]):
                 setattr(mod, part, sd.pop(f"{name}.{part}"))

@@ -65,7 +65,7 @@ class WeightStreamer:
 
     @classmethod
     def attach(cls, model, mm, info, *, max_resident_bytes: Optional[int], prefetch: int) -> "WeightStreamer":
-        names = list(info.layers)
+        names = list(info.linear_layers)
         regions, modules = [], []
         for name in names:
             keys = [k for k in (f"{name}.data", f"{name}.scales", f"{name}.offsets") if k in info.tensors]

@@ -203,11 +203,15 @@ def test_mixed_precision_respects_the_budget_and_helps():
     print(f"\nmixed precision: {results}")
     assert results[6.0][0] <= 6.0 and results[4][0] < results[6.0][0] < results[8][0]
     assert results[8][1] < results[6.0][1] < results[4][1]
+    low = lowbit.quantize(copy.deepcopy(m), bits=3.5, calibration_data=data, group_size=32, progress=False,
+                          include=lambda n, mod: True)
+    plan = {mod.config.bits for mod in low.modules() if isinstance(mod, QuantLinear)}
+    assert lowbit.summary(low)["bits_per_weight"] <= 3.5 and 2 in plan     # int2 rows used to meet it
     explicit = lowbit.quantize(copy.deepcopy(m), bits={"0": 8, "default": 4}, group_size=32, progress=False,
                                include=lambda n, mod: True)
     assert explicit[0].config.bits == 8 and explicit[2].config.bits == 4
     with pytest.raises(ValueError, match="below the cheapest"):
-        lowbit.quantize(copy.deepcopy(m), bits=4.5, calibration_data=data, group_size=32, progress=False,
+        lowbit.quantize(copy.deepcopy(m), bits=2.5, calibration_data=data, group_size=32, progress=False,
                         include=lambda n, mod: True)
     with pytest.raises(ValueError, match="needs calibration_data"):
         lowbit.quantize(copy.deepcopy(m), bits=4.5)

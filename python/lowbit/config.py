@@ -7,6 +7,16 @@ from typing import Optional
 
 from .matmul import KSTEP
 
+# int8 / int4 layers live in the matmul kernels' tiles; int2 layers in the packed
+# row layout (no int2 matmul kernel yet: dequantize + float matmul, warned once).
+LAYER_BITS = (8, 4, 2)
+GROUP_MULTIPLE = {**KSTEP, 2: 4}
+
+
+def storage_bits(code_bits: int) -> int:
+    """The layer format holding codes of this width: 3-bit codes go in int4 tiles."""
+    return 2 if code_bits == 2 else 4 if code_bits <= 4 else 8
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -25,8 +35,10 @@ class QuantConfig:
     code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles)
 
     def __post_init__(self):
-        if self.bits not in KSTEP:
-            raise ValueError(f"bits must be 8 or 4 for layers, got {self.bits}")
+        if self.bits not in LAYER_BITS:
+            raise ValueError(f"bits must be 8, 4 or 2 for layers, got {self.bits}")
+        if self.bits == 2 and not self.symmetric:
+            raise ValueError("2-bit layers are symmetric")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group_size must be None or a positive int, got {self.group_size!r}")
         if self.act_bits not in (None, 8):
@@ -37,7 +49,7 @@ class QuantConfig:
     def for_features(self, in_features: int) -> "QuantConfig":
         """This config, or per-row scales when the group size does not fit in_features."""
         g = self.group_size
-        if g is not None and (g >= in_features or in_features % g or g % KSTEP[self.bits]):
+        if g is not None and (g >= in_features or in_features % g or g % GROUP_MULTIPLE[self.bits]):
             g = None
         return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits)
 

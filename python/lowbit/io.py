@@ -10,11 +10,12 @@ Byte layout of a lowbit file (all integers little-endian):
   [0, 8)            u64 N: length of the JSON header
   [8, 8 + N)        JSON header, padded with spaces so 8 + N is a multiple of 64
   [8 + N, end)      tensor bytes, back to back (safetensors allows no holes):
-                    first every QuantLinear's packed tensors in module order
+                    first every int8/int4 QuantLinear's tiles in module order
                     (``data``, ``scales``, ``offsets``: each a multiple of 64
                     bytes by construction of the tiled layout, so each starts
                     64-byte aligned in the file and in an mmap of it), then the
-                    remaining tensors (biases, norms, embeddings, ...).
+                    int2 layers (packed rows + scales, adjacent per layer), then
+                    the remaining tensors (biases, norms, embeddings, ...).
 
 The header maps each tensor name (the model's state-dict key) to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
@@ -23,7 +24,7 @@ where the lowbit JSON is::
 
   {"format_version": 1, "layout": "tiled-v1", "writer": "lowbit <version>",
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
-              "bits" (tile width), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
+              "bits" (8, 4: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
               "orig_dtype", "bias", "act_scale" (0: dynamic activations)}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
@@ -43,6 +44,7 @@ from typing import Optional
 
 import numpy as np
 
+from .config import GROUP_MULTIPLE
 from .matmul import KSTEP, TILE_ROWS
 
 FORMAT_VERSION = 1
@@ -115,8 +117,12 @@ def _layer_keys(name: str, meta: dict) -> list:
 
 
 def expected_packed_shapes(meta: dict) -> dict:
-    """The shapes and dtypes the tiled-v1 tensors of one layer must have."""
+    """The shapes and dtypes the tensors of one layer must have: tiled-v1 for int8 /
+    int4, the packed row layout of formats.h for int2 (data [N, ceil(K / 4)])."""
     n, k, bits = meta["out_features"], meta["in_features"], meta["bits"]
+    if bits == 2:
+        groups = 1 if meta["group_size"] is None else k // meta["group_size"]
+        return {"data": ("U8", (n, (k + 3) // 4)), "scales": ("F32", (n, groups))}
     step = KSTEP[bits]
     kp = (k + step - 1) // step * step
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
@@ -160,7 +166,7 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
     layers = {}
-    first = []  # QuantLinear tensors, module order
+    first, second = [], []  # tiled QuantLinear tensors (64-byte multiples), then int2 rows; module order
     from .nn import QuantEmbedding
     for name, mod in model.named_modules():
         if isinstance(mod, QuantEmbedding):
@@ -174,7 +180,8 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
                                 bits=c.bits, code_bits=c.code_bits or c.bits, group_size=c.group_size, symmetric=c.symmetric, act_bits=c.act_bits,
                                 orig_dtype=str(mod.orig_dtype).replace("torch.", ""), bias=mod.bias is not None,
                                 act_scale=float(mod.act_scale))
-            first += [f"{name}.{k}" if name else k for k in ("data", "scales", "offsets")]
+            (second if c.bits == 2 else first).extend(f"{name}.{k}" if name else k
+                                                      for k in ("data", "scales", "offsets"))
     state = model.state_dict()
     tensors, aliases, seen = {}, {}, {}
     for key, t in state.items():
@@ -191,7 +198,8 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
             continue
         seen[ident] = key
         tensors[key] = t
-    order = [k for k in first if k in tensors] + [k for k in tensors if k not in set(first)]
+    lead = first + second
+    order = [k for k in lead if k in tensors] + [k for k in tensors if k not in set(lead)]
     arrays = {k: _bytes_view(tensors[k]) for k in order}
     crcs = {k: zlib.crc32(arrays[k]) for k in order}
     header, offset = {}, 0
@@ -394,10 +402,12 @@ def _check_layer(path: str, name: str, m, tensors: dict) -> None:
     n, k = m["in_features"], m["out_features"]
     if not all(type(v) is int and 0 < v < 2**31 for v in (n, k)):
         raise FormatError(f"{where}: in_features/out_features must be positive ints")
-    if type(m["bits"]) is not int or m["bits"] not in KSTEP:
-        raise FormatError(f"{where}: bits must be 4 or 8, got {m['bits']!r}")
+    if type(m["bits"]) is not int or m["bits"] not in GROUP_MULTIPLE:
+        raise FormatError(f"{where}: bits must be 8, 4 or 2, got {m['bits']!r}")
+    if m["bits"] == 2 and m["symmetric"] is not True:
+        raise FormatError(f"{where}: 2-bit layers are symmetric")
     g = m["group_size"]
-    if g is not None and (type(g) is not int or g <= 0 or m["in_features"] % g or g % KSTEP[m["bits"]]
+    if g is not None and (type(g) is not int or g <= 0 or m["in_features"] % g or g % GROUP_MULTIPLE[m["bits"]]
                           or g >= m["in_features"]):
         raise FormatError(f"{where}: group_size {g!r} does not fit in_features={m['in_features']}")
     if type(m["symmetric"]) is not bool or type(m["bias"]) is not bool or m["act_bits"] not in (None, 8):

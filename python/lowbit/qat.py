@@ -20,7 +20,7 @@ from torch import nn
 
 from .api import Selector, _progress, _select, _set_module
 from .calibrate.weights import QuantizedWeight
-from .config import QuantConfig
+from .config import QuantConfig, storage_bits
 from .nn import QATLinear, QuantLinear
 
 
@@ -45,7 +45,7 @@ def prepare_qat(model: nn.Module, bits: int = 4, group_size: Optional[int] = 128
         raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
     targets, skipped = _select(model, include, exclude)
     for name, mod in _progress(targets, progress):
-        g = QuantConfig(4 if bits <= 4 else 8, group_size).for_features(mod.in_features).group_size
+        g = QuantConfig(storage_bits(bits), group_size).for_features(mod.in_features).group_size
         _set_module(model, name, QATLinear.from_linear(mod, bits, g, activations, learnable))
     if progress and skipped:
         print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
@@ -72,7 +72,7 @@ def convert(model: nn.Module) -> nn.Module:
         if isinstance(mod, QATLinear):
             q = quantized_weight(mod)
             acts = 8 if mod.activation_fake_quant is not None else None
-            storage = 4 if q.bits <= 4 else 8
+            storage = storage_bits(q.bits)
             cfg = QuantConfig(storage, q.group_size, True, acts, code_bits=q.bits)
             new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
             if not name:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, storage_bits
 from .data import StopForward, forward_all
 from .observers import make_observer
 from .weights import LayerStats, awq, gptq, rtn
@@ -32,13 +32,13 @@ class LayerPlan:
     group_size: Optional[int]
 
     def bits_per_weight(self, k: int) -> float:
-        storage = 4 if self.bits <= 4 else 8
+        storage = storage_bits(self.bits)
         g = k if self.group_size is None else self.group_size
         return storage + 32.0 / g
 
 
 def layer_group(group_size: Optional[int], k: int, bits: int) -> Optional[int]:
-    return QuantConfig(4 if bits <= 4 else 8, group_size).for_features(k).group_size
+    return QuantConfig(storage_bits(bits), group_size).for_features(k).group_size
 
 
 def capture(model: nn.Module, module: nn.Module, data: list, stats: LayerStats, observer=None) -> None:
@@ -150,7 +150,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
         else:
             q = rtn(w, plan.bits, plan.group_size, symmetric)
-        storage = 4 if plan.bits <= 4 else 8
+        storage = storage_bits(plan.bits)
         cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits)
         new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
         if static:

@@ -1,17 +1,17 @@
 """QuantLinear: an nn.Linear whose weight is stored packed for lowbit's kernels."""
 from __future__ import annotations
 
+import warnings
+from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
-from typing import Optional
-
-import numpy as np
 
 from ..arrays import QArray, quantize_array
-from ..config import QuantConfig
+from ..config import QuantConfig, storage_bits
 from ..matmul import PackedWeights, dequantize_packed, pack_weights
 
 
@@ -24,8 +24,20 @@ def _eager_inference(x: torch.Tensor, bias) -> bool:
     return not torch._C._is_torch_function_mode_enabled() and not torch.jit.is_tracing()
 
 
+_warned_int2 = False
+
+
+def _warn_int2_once() -> None:
+    global _warned_int2
+    if not _warned_int2:
+        warnings.warn("lowbit: int2 layers run as dequantize (Highway kernel) + float matmul; there is no "
+                      "int2 matmul kernel yet, so they save memory, not time", stacklevel=3)
+        _warned_int2 = True
+
+
 class QuantLinear(nn.Module):
-    """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h).
+    """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h), or
+    as packed int2 rows (dequantized per call: smaller, not faster).
 
     The weight is frozen; the input gradient flows (so adapters can train on a
     quantized base), and the bias stays a trainable float parameter.
@@ -58,6 +70,11 @@ class QuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         q = quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+        if c.bits == 2:
+            mod.data, mod.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
+            if linear.bias is not None:
+                mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            return mod
         pw = pack_weights(q)
         mod.data = torch.from_numpy(pw.data)
         mod.scales = torch.from_numpy(pw.scales)
@@ -73,7 +90,7 @@ class QuantLinear(nn.Module):
         codes, scales, zero points, optional input scale). Codes of <= 4 bits go
         into int4 tiles, 8-bit codes into int8 tiles."""
         n, k = q.codes.shape
-        storage = 4 if q.bits <= 4 else 8
+        storage = storage_bits(q.bits)
         cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None)
         if cfg.bits != storage or cfg.group_size != q.group_size or cfg.symmetric != (q.zero_points is None):
             raise ValueError(f"config {cfg.label} does not match the quantized weight "
@@ -88,10 +105,13 @@ class QuantLinear(nn.Module):
         qa = QArray(pack(codes.astype(np.int32), storage), q.scales.numpy().astype(np.float32),
                     None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k), storage,
                     q.group_size, q.zero_points is None)
-        pw = pack_weights(qa)
-        mod.data = torch.from_numpy(pw.data)
-        mod.scales = torch.from_numpy(pw.scales)
-        mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
+        if storage == 2:
+            mod.data, mod.scales = torch.from_numpy(qa.packed), torch.from_numpy(qa.scales)
+        else:
+            pw = pack_weights(qa)
+            mod.data = torch.from_numpy(pw.data)
+            mod.scales = torch.from_numpy(pw.scales)
+            mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
         if bias is not None:
             mod.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=bias.requires_grad)
         if q.input_scale is not None:
@@ -121,21 +141,44 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         c = self.config
+        if c.bits == 2:
+            return self._forward_int2(x)
         args = (x, self.data, self.scales, self.offsets, self.bias, self.out_features, self.in_features, c.bits,
                 c.group_size or 0, c.act_bits or 0, self.act_scale)
         if _eager_inference(x, self.bias):
             return ops.linear_impl(*args)  # same function, without the dispatcher round trip
         return torch.ops.lowbit.linear(*args)
 
+    def _int2_weight(self) -> torch.Tensor:
+        return torch.ops.lowbit.dequantize(self.data, self.scales, torch.empty(0, dtype=torch.uint8),
+                                           self.in_features, 2, self.config.group_size or 0, True, torch.float32)
+
+    def _forward_int2(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            _warn_int2_once()
+        if self.config.act_bits == 8:  # the int8 activation codes the kernels would use
+            rows = x.reshape(-1, self.in_features).float()
+            if self.act_scale:
+                scale = torch.full((rows.shape[0],), self.act_scale)
+            else:
+                amax = rows.detach().abs().amax(1)
+                scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            rows = torch.ops.lowbit.fake_quantize(rows, scale, torch.zeros(rows.shape[0], dtype=torch.int32),
+                                                  -127, 127, 0, 0)
+            x = rows.reshape(x.shape).to(x.dtype)
+        return nn.functional.linear(x, self._int2_weight().to(x.dtype), self.bias)
+
     def packed(self) -> PackedWeights:
         c = self.config
+        if c.bits == 2:
+            raise ValueError("int2 layers are stored as packed rows, not matmul tiles")
         return PackedWeights(self.data.numpy(), self.scales.numpy(),
                              None if self.offsets is None else self.offsets.numpy(),
                              (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [out, in] this layer computes with (input scale folded in)."""
-        w = torch.from_numpy(dequantize_packed(self.packed()))
+        w = self._int2_weight() if self.config.bits == 2 else torch.from_numpy(dequantize_packed(self.packed()))
         return w if self.input_scale is None else w * self.input_scale
 
     @property
@@ -148,6 +191,8 @@ class QuantLinear(nn.Module):
     def kernel(self) -> str:
         """Which kernel runs: e.g. 'W4A8 int8-dot (VNNI)' or 'W4 weight-only fp32-FMA'."""
         c = self.config
+        if c.bits == 2:
+            return "W2 dequantize + float matmul (no int2 kernel)"
         if c.act_bits == 8:
             return f"W{c.bits}A8{' static' if self.act_scale else ''} int8-dot ({'VNNI' if _C.vnni_active() else 'int16 madd'})"
         return f"W{c.bits} weight-only fp32-FMA"

@@ -43,11 +43,12 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
-      bits: 8, 4, 3 or 2 (3 and 2 are codes held in int4 tiles: better than 4 bits
-        only in quality terms, not in size); a float budget such as 4.5 for
-        automatic mixed precision (needs ``calibration_data``: each layer's output
-        error is measured at 4 and 8 bits and bits go where they help most per byte);
-        or a dict ``{layer name: bits}`` (key "default" for the rest).
+      bits: 8, 4, 3 or 2 (3-bit codes are held in int4 tiles: smaller error than
+        nothing, same size as int4; 2-bit layers are packed rows run as dequantize +
+        float matmul, warned once); a float budget such as 4.5 for automatic mixed
+        precision (needs ``calibration_data``: each layer's output error is measured
+        per format and bits go where they help most per byte); or a dict
+        ``{layer name: bits}`` (key "default" for the rest).
       group_size: scales per this many inputs (None: per row; falls back to per row
         where it does not divide a layer's inputs).
       symmetric: signed codes (default) or codes with zero points.

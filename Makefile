@@ -58,6 +58,9 @@ bench: setup
 	$(PIP) matplotlib
 	$(VPY) benchmarks/bench_quantize.py
 	$(VPY) benchmarks/bench_matmul.py
+	$(VPY) benchmarks/bench_model.py
+	$(VPY) benchmarks/bench_fake_quant.py
+	$(VPY) benchmarks/bench_stream.py --write
 
 clean:
 	rm -rf build build-asan $(VENV)/.built

@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <atomic>
 #include <condition_variable>
@@ -30,17 +31,40 @@ int DefaultThreads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Spin this many pause instructions (~10-20 us) before sleeping: waking a
-// sleeping thread through a futex costs ~40 us on this VM, as long as a small
-// matmul, and one call often dispatches twice (activations, then the matmul).
-// Longer spins steal the core from torch's own threads between lowbit calls
-// (MiniLM batch 32 lost 10% with 100 us).
-constexpr int kSpinPauses = 400;
+// Workers (and the caller waiting for them) spin this long before sleeping.
+// Waking a sleeping thread costs ~40 us on this VM (futex + idle vCPU), twice
+// per call when both sides slept: 2 threads made a 256x4096 GEMV 9x slower than
+// 1 thread with the old 400-pause spin (5 us here; PAUSE is ~12 ns on this CPU).
+// 50 us covers the gap between the Linear layers of a model forward; longer
+// spins take the core from torch's own threads between lowbit calls.
+// LOWBIT_SPIN_US overrides it (0: sleep at once).
+int64_t SpinNanos() {
+  static const int64_t ns = [] {
+    if (const char* v = std::getenv("LOWBIT_SPIN_US")) {
+      const long us = std::atol(v);
+      if (us >= 0) return static_cast<int64_t>(us) * 1000;
+    }
+    return static_cast<int64_t>(50'000);
+  }();
+  return ns;
+}
 
-inline void CpuRelax() {
+int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Spins (16 pauses between clock reads) until done() or the spin time is up.
+template <class Done>
+bool SpinUntil(const Done& done) {
+  const int64_t deadline = NowNanos() + SpinNanos();
+  for (;;) {
+    if (done()) return true;
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
+    for (int i = 0; i < 16; ++i) __builtin_ia32_pause();
 #endif
+    if (NowNanos() > deadline) return done();
+  }
 }
 
 class Pool {
@@ -70,7 +94,7 @@ class Pool {
       wake_.notify_all();
     }
     RunChunk(0);
-    for (int i = 0; i < kSpinPauses && pending_.load() != 0; ++i) CpuRelax();
+    SpinUntil([this] { return pending_.load() == 0; });
     if (pending_.load() != 0) {
       std::unique_lock<std::mutex> lock(mu_);
       done_.wait(lock, [this] { return pending_.load() == 0; });
@@ -87,7 +111,7 @@ class Pool {
   void WorkerLoop(int t) {
     uint64_t seen = 0;
     for (;;) {
-      for (int i = 0; i < kSpinPauses && generation_.load() == seen && !stop_flag_.load(); ++i) CpuRelax();
+      SpinUntil([&] { return generation_.load() != seen || stop_flag_.load(); });
       if (generation_.load() == seen) {
         std::unique_lock<std::mutex> lock(mu_);
         sleepers_.fetch_add(1);

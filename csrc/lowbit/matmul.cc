@@ -212,13 +212,18 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t t = 0; t < NT; ++t) {
       const size_t n0 = (t0 + t) * kTileRows;
       if (n0 >= w.n) break;
+      // Whole tiles store straight to out; only the last partial tile goes
+      // through a buffer (a variable-size memcpy here compiled to rep movsq and
+      // took 13% of an in-cache GEMM).
+      const bool whole = n0 + kTileRows <= w.n;
       alignas(64) float buf[kTileRows];
+      float* dst = whole ? out + r * out_stride + n0 : buf;
       for (size_t v = 0; v < kVecs; ++v) {
         auto y = hn::Mul(facc[r][t * kVecs + v], xs);
         if (w.bias) y = hn::Add(y, hn::LoadU(df, w.bias + n0 + v * kLanes));  // fused: no second pass
-        hn::Store(y, df, buf + v * kLanes);
+        hn::StoreU(y, df, dst + v * kLanes);
       }
-      std::memcpy(out + r * out_stride + n0, buf, std::min(kTileRows, w.n - n0) * sizeof(float));
+      if (!whole) std::memcpy(out + r * out_stride + n0, buf, (w.n - n0) * sizeof(float));
     }
   }
 }
@@ -338,13 +343,15 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     for (size_t t = 0; t < NT; ++t) {
       const size_t n0 = (t0 + t) * kTileRows;
       if (n0 >= w.n) break;
+      const bool whole = n0 + kTileRows <= w.n;  // as in IntBlock: no memcpy for whole tiles
       alignas(64) float buf[kTileRows];
+      float* dst = whole ? out + r * out_stride + n0 : buf;
       for (size_t v = 0; v < kVecs; ++v) {
         auto y = oacc[r][t * kVecs + v];
         if (w.bias) y = hn::Add(y, hn::LoadU(df, w.bias + n0 + v * kLanes));
-        hn::Store(y, df, buf + v * kLanes);
+        hn::StoreU(y, df, dst + v * kLanes);
       }
-      std::memcpy(out + r * out_stride + n0, buf, std::min(kTileRows, w.n - n0) * sizeof(float));
+      if (!whole) std::memcpy(out + r * out_stride + n0, buf, (w.n - n0) * sizeof(float));
     }
   }
 }
@@ -462,7 +469,12 @@ void FloatGemm(const float* x, size_t m, size_t x_stride, const TiledWeights& w,
               hn::Store(hn::Add(hn::Load(df, a), hn::LoadU(df, w.bias + n0 + v * kLanes)), df, a);
             }
           }
-          std::memcpy(out + r * out_stride + n0, pacc + r * 32, cols * sizeof(float));
+          if (cols == 2 * kTileRows) {  // whole tile pair: vector copy, not a rep movsq memcpy
+            for (size_t v = 0; v < 2 * kVecs; ++v)
+              hn::StoreU(hn::Load(df, pacc + r * 32 + v * kLanes), df, out + r * out_stride + n0 + v * kLanes);
+          } else {
+            std::memcpy(out + r * out_stride + n0, pacc + r * 32, cols * sizeof(float));
+          }
         }
       }
     }

@@ -328,6 +328,17 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
         const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
         const int mask = (1 << kBits) - 1;
         VF wj[NT * kVecs];
+#if HWY_TARGET == HWY_AVX3
+        if (kBits == 4 && w.offsets == nullptr) {
+          // Symmetric int4: vpermps looks the float value (u - 8) up by the low
+          // 4 bits of each lane, so a code costs a shift and a permute instead of
+          // shift, and, subtract and convert (same values, bit for bit).
+          const __m512 lut = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f,
+                                            4.f, 5.f, 6.f, 7.f);
+          for (size_t v = 0; v < NT * kVecs; ++v)
+            wj[v] = VF{_mm512_permutexvar_ps(hn::ShiftRightSame(lanes[v], shift).raw, lut)};
+        } else
+#endif
         for (size_t v = 0; v < NT * kVecs; ++v) {
           const auto u = hn::And(hn::ShiftRightSame(lanes[v], shift), hn::Set(di, mask));
           wj[v] = hn::ConvertTo(df, hn::Sub(u, off[v]));
@@ -495,6 +506,23 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
   // 2.6x). The two paths round differently (scale folded into the weight here,
   // applied per group there); each is deterministic for a given M.
   if (m >= 8) return FloatGemm<kBits>(x, m, x_stride, w, out, out_stride);
+  if (m < 4) {
+    // GEMV-like: 4 tiles give 4 independent FMA chains per code (latency 4);
+    // with 2 the loop waited on the FMA latency (4096^2 int4: 0.8 ms).
+    ForTileGroups<4>(w.tiles, [&](size_t t0, size_t nt) {
+      for (size_t r = 0; r < m; ++r) {
+        const float* xr = x + r * x_stride;
+        float* orow = out + r * out_stride;
+        switch (nt) {
+          case 4: FloatBlock<1, 4, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          case 3: FloatBlock<1, 3, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          case 2: FloatBlock<1, 2, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          default: FloatBlock<1, 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1);
+        }
+      }
+    });
+    return;
+  }
   constexpr size_t kNT = 2;
   ForTileGroups<kNT>(w.tiles, [&](size_t t0, size_t nt) {
     const bool two = nt == 2;

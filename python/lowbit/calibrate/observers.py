@@ -12,6 +12,7 @@ dropping one bit of the code range (as torch does for x86 fbgemm).
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Optional
 
@@ -44,7 +45,7 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, 
     return scale, zp
 
 
-class Observer:
+class Observer(abc.ABC):
     """Base: ``observer(x)`` records x and returns it; ``qparams()`` gives (scale, zero_point).
 
     bits/signed/symmetric/reduce_range choose the code range and formula; the
@@ -73,8 +74,9 @@ class Observer:
             self.count += 1
         return x
 
+    @abc.abstractmethod
     def _observe(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one float32 tensor into the statistics."""
 
     def range(self) -> tuple:
         if self.min_val is None:

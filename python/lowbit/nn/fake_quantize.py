@@ -12,6 +12,19 @@ from ..calibrate.observers import make_observer
 from ..calibrate.weights import group_params, qrange
 
 
+def fake_quantize_per_token(x: torch.Tensor, static_scale: float = 0.0) -> torch.Tensor:
+    """The int8 activation codes the W8A8 kernels use, in float: per row (token)
+    scale amax / 127 (or one static scale), codes clamped to [-127, 127]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if static_scale:
+        scale = torch.full((rows.shape[0],), float(static_scale))
+    else:
+        amax = rows.detach().abs().amax(1).float()
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    y = torch.ops.lowbit.fake_quantize(rows, scale, torch.zeros(rows.shape[0], dtype=torch.int32), -127, 127, 0, 0)
+    return y.reshape(x.shape)
+
+
 class FakeQuantize(nn.Module):
     """Fake-quantizes its input with a scale (and zero point) it keeps.
 
@@ -92,14 +105,7 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
-            if not bool(self.fake_quant_enabled):
-                return x
-            rows = x.reshape(-1, x.shape[-1])
-            amax = rows.detach().abs().amax(1).float()
-            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            y = torch.ops.lowbit.fake_quantize(rows, scale, torch.zeros_like(scale, dtype=torch.int32),
-                                               -127, 127, 0, 0)
-            return y.reshape(x.shape)
+            return fake_quantize_per_token(x) if bool(self.fake_quant_enabled) else x
         if bool(self.observer_enabled) and not (self.learnable and bool(self.initialized)):
             self._update(x)
         if not bool(self.fake_quant_enabled):

@@ -13,6 +13,7 @@ from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
 from ..arrays import QArray, quantize_array
 from ..config import QuantConfig, storage_bits
 from ..matmul import PackedWeights, dequantize_packed, pack_weights
+from .fake_quantize import fake_quantize_per_token
 
 
 def _eager_inference(x: torch.Tensor, bias) -> bool:
@@ -157,15 +158,7 @@ class QuantLinear(nn.Module):
         if not torch.compiler.is_compiling():
             _warn_int2_once()
         if self.config.act_bits == 8:  # the int8 activation codes the kernels would use
-            rows = x.reshape(-1, self.in_features).float()
-            if self.act_scale:
-                scale = torch.full((rows.shape[0],), self.act_scale)
-            else:
-                amax = rows.detach().abs().amax(1)
-                scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            rows = torch.ops.lowbit.fake_quantize(rows, scale, torch.zeros(rows.shape[0], dtype=torch.int32),
-                                                  -127, 127, 0, 0)
-            x = rows.reshape(x.shape).to(x.dtype)
+            x = fake_quantize_per_token(x.float(), self.act_scale).to(x.dtype)
         return nn.functional.linear(x, self._int2_weight().to(x.dtype), self.bias)
 
     def packed(self) -> PackedWeights:

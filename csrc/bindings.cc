@@ -416,6 +416,17 @@ py::dict CpuFeatures() {
   return d;
 }
 
+// Runs fn(data, bytes) on a C-contiguous array's memory with the GIL released
+// (residency calls: they may wait on disk reads).
+template <class Fn>
+auto OnMappedRange(const py::array& a, const char* what, const Fn& fn) {
+  if (!(a.flags() & py::array::c_style)) Fail(std::string(what) + ": array must be C-contiguous");
+  const void* p = a.data();
+  const size_t n = static_cast<size_t>(a.nbytes());
+  py::gil_scoped_release release;
+  return fn(p, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -494,27 +505,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias").none(true) = py::none());
   // Residency of memory-mapped weights (stream.py calls these on its own file
   // mappings only: DONTNEED on anonymous memory would zero it).
-  m.def("prefetch_pages", [](const py::array& a) {
-    if (!(a.flags() & py::array::c_style)) Fail("prefetch_pages: array must be C-contiguous");
-    const void* p = a.data();
-    const size_t n = static_cast<size_t>(a.nbytes());
-    py::gil_scoped_release release;
-    return lowbit::PrefetchPages(p, n);
-  }, py::arg("mapped"));
+  m.def("prefetch_pages", [](const py::array& a) { return OnMappedRange(a, "prefetch_pages", lowbit::PrefetchPages); },
+        py::arg("mapped"));
   m.def("advise_willneed", [](const py::array& a) {
-    if (!(a.flags() & py::array::c_style)) Fail("advise_willneed: array must be C-contiguous");
-    const void* p = a.data();
-    const size_t n = static_cast<size_t>(a.nbytes());
-    py::gil_scoped_release release;
-    lowbit::AdviseWillNeed(p, n);
+    OnMappedRange(a, "advise_willneed", [](const void* p, size_t n) { lowbit::AdviseWillNeed(p, n); return 0; });
   }, py::arg("mapped"));
-  m.def("release_pages", [](const py::array& a) {
-    if (!(a.flags() & py::array::c_style)) Fail("release_pages: array must be C-contiguous");
-    const void* p = a.data();
-    const size_t n = static_cast<size_t>(a.nbytes());
-    py::gil_scoped_release release;
-    return lowbit::ReleasePages(p, n);
-  }, py::arg("mapped"));
+  m.def("release_pages", [](const py::array& a) { return OnMappedRange(a, "release_pages", lowbit::ReleasePages); },
+        py::arg("mapped"));
   m.def("vnni_active", &lowbit::VnniActive);
   m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
   m.def("set_num_threads", [](int n) {

@@ -105,15 +105,8 @@ class FileInfo:
     @property
     def packed_bytes(self) -> int:
         """Bytes of the QuantLinear tiles (data, scales, offsets)."""
-        return sum(self.tensors[k].nbytes for name in self.linear_layers
-                   for k in _layer_keys(name, self.layers[name]) if k in self.tensors)
-
-
-def _layer_keys(name: str, meta: dict) -> list:
-    keys = [f"{name}.data", f"{name}.scales"]
-    if not meta["symmetric"]:
-        keys.append(f"{name}.offsets")
-    return keys
+        return sum(self.tensors[f"{name}.{part}"].nbytes for name, meta in self.linear_layers.items()
+                   for part in expected_packed_shapes(meta))
 
 
 def expected_packed_shapes(meta: dict) -> dict:

@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 
 from . import _C
+from .io import expected_packed_shapes
 
 # Budget slack at each end of a layer's byte range: the partial page shared with
 # a neighbour, and the kernel's fault-around (it maps cached pages in the 64 KiB
@@ -68,7 +69,7 @@ class WeightStreamer:
         names = list(info.linear_layers)
         regions, modules = [], []
         for name in names:
-            keys = [k for k in (f"{name}.data", f"{name}.scales", f"{name}.offsets") if k in info.tensors]
+            keys = [f"{name}.{part}" for part in expected_packed_shapes(info.layers[name])]
             begin = min(info.tensors[k].begin for k in keys)
             end = max(info.tensors[k].end for k in keys)
             regions.append(np.frombuffer(mm, np.uint8, count=end - begin, offset=begin))

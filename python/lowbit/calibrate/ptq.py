@@ -2,11 +2,15 @@
 calibration_data=...)``: per-layer bit plans (explicit or automatic mixed
 precision), GPTQ / AWQ-style weights, static activation scales.
 
-Layers are processed one at a time in model order. For each, the calibration
-batches run through the model (whose earlier layers are already quantized, so
-each layer corrects for the error it really receives) and stop right after the
-layer's input has been recorded. Memory beyond the model: one layer's
-statistics (a K x K Hessian and a bounded sample of input rows).
+Layers are processed one at a time in model order, each seeing the outputs of
+the already-quantized layers before it (so it corrects for the error it really
+receives). When the batches can be stacked into one (same shapes: fixed-length
+token windows, images), that takes ONE forward pass in total: a hook on each
+layer records its input, quantizes it there and then, and hands the quantized
+layer's output on (cost linear in depth). Otherwise the batches run through the
+model once per layer, stopping at it (quadratic in depth; said on stderr).
+Memory beyond the model: one layer's statistics (a K x K Hessian and a bounded
+sample of input rows), plus, in one pass, the stacked batch's activations.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..config import QuantConfig, storage_bits
@@ -133,10 +138,16 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             items = tqdm(targets, desc=f"lowbit.quantize ({method})", unit="layer")
         except ImportError:
             pass
+    needs_data = method != "rtn" or static
+    stacked = stack_batches(data) if needs_data else None
+    if stacked is not None:
+        return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
+                         act_order, items)
+    if needs_data:
+        print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
+              "passes); equal-shape batches take one pass", file=sys.stderr)
     for name, mod in items:
-        plan = plans[name]
         w = mod.weight.detach().float()
-        needs_data = method != "rtn" or static
         obs = make_observer(observer) if static else None
         stats = None
         if needs_data:
@@ -144,27 +155,130 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             capture(model, mod, data, stats, obs if observer == "minmax" else None)
             if stats.rows == 0:
                 raise ValueError(f"layer {name!r} never ran on the calibration data")
-        if method == "gptq":
-            q = gptq(w, stats.hessian, plan.bits, plan.group_size, symmetric, act_order=act_order)
-        elif method == "awq":
-            q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
-        else:
-            q = rtn(w, plan.bits, plan.group_size, symmetric)
-        storage = storage_bits(plan.bits)
-        cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits)
-        new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
-        if static:
-            if observer == "minmax" and q.input_scale is None:
-                scale = float(obs.qparams()[0])
-            else:  # the kernels see x * input_scale: observe that, on the sample rows
-                o = make_observer(observer)
-                o(stats.x * (1 if q.input_scale is None else q.input_scale))
-                scale = float(o.qparams()[0])
-            new.act_scale = scale
-        replace_module(model, name, new)
+        replace_module(model, name, _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations,
+                                                    static, observer, act_order))
+    _report_plan(plans, progress)
+
+
+def _report_plan(plans: dict, progress: bool) -> None:
     if progress and len({p.bits for p in plans.values()}) > 1:
         counts = {}
         for p in plans.values():
             counts[p.bits] = counts.get(p.bits, 0) + 1
         print("lowbit: mixed precision plan: " + ", ".join(f"{c} layers at {b} bits" for b, c in
                                                             sorted(counts.items())), file=sys.stderr)
+
+
+def stack_batches(data: list):
+    """One batch holding all of ``data`` (concatenated along dim 0), or None when
+    the batches do not stack (different shapes, keys or types)."""
+    first = data[0]
+    try:
+        if isinstance(first, torch.Tensor):
+            if all(isinstance(b, torch.Tensor) and b.shape == first.shape for b in data):
+                return torch.cat(data) if len(data) > 1 else first
+        elif isinstance(first, dict):
+            keys = set(first)
+            if all(isinstance(b, dict) and set(b) == keys for b in data):
+                out = {}
+                for k in keys:
+                    v = [b[k] for b in data]
+                    if all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape == v[0].shape for t in v):
+                        out[k] = torch.cat(v) if len(v) > 1 else v[0]
+                    elif all(t is v[0] or (not isinstance(t, torch.Tensor) and t == v[0]) for t in v):
+                        out[k] = v[0]
+                    else:
+                        return None
+                return out
+        elif isinstance(first, (tuple, list)):
+            if all(isinstance(b, (tuple, list)) and len(b) == len(first) for b in data):
+                cols = []
+                for i in range(len(first)):
+                    v = [b[i] for b in data]
+                    if all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape == v[0].shape for t in v):
+                        cols.append(torch.cat(v) if len(v) > 1 else v[0])
+                    else:
+                        return None
+                return tuple(cols)
+    except (RuntimeError, TypeError):
+        return None
+    return None
+
+
+def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items):
+    """Quantize every target during a single forward pass over ``batch``."""
+    from ..api import _set_module as replace_module
+    from .data import run_batch
+    done, hooks = {}, []
+    shared = {}  # layers fed the very same tensor (q/k/v, gate/up) share one LayerStats
+    bar = items if hasattr(items, "update") else None
+
+    def pre_hook(mod, args, name):
+        if name in done:
+            return
+        x = args[0]
+        if shared.get("x") is not x or shared.get("version") != x._version:
+            shared.clear()
+            shared.update(x=x, version=x._version)
+        stats = shared.get(mod.in_features)
+        if stats is None:
+            stats = shared[mod.in_features] = LayerStats(mod.in_features, need_hessian=method == "gptq")
+            stats.add(x)
+        obs = None
+        if static:
+            obs = make_observer(observer)
+            if observer == "minmax":
+                obs(x)
+        new = _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations, static, observer,
+                              act_order)
+        done[name] = (new, None if activations == 8 else new.dequantized_weight().to(mod.weight.dtype))
+        replace_module(model, name, new)
+        if bar is not None:
+            bar.update(1)
+
+    def post_hook(mod, args, output, name):
+        new, w = done[name]
+        # The next layers must see this layer's quantized output. Weight-only: the
+        # same weights through torch's float GEMM (faster than lowbit's weight-only
+        # GEMM at thousands of rows; differs by summation order only).
+        return new(args[0]) if w is None else nn.functional.linear(args[0], w, new.bias)
+
+    for name, mod in targets:
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: pre_hook(m, a, name)))
+        hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: post_hook(m, a, o, name)))
+    try:
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        shared.clear()
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    missing = [name for name, _ in targets if name not in done]
+    if missing:
+        raise ValueError(f"layers never ran on the calibration data: {missing[:5]}")
+    _report_plan(plans, bar is not None)
+
+
+def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, static, observer, act_order):
+    from ..nn import QuantLinear
+    w = mod.weight.detach().float()
+    if method == "gptq":
+        q = gptq(w, stats.hessian, plan.bits, plan.group_size, symmetric, act_order=act_order)
+    elif method == "awq":
+        q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
+    else:
+        q = rtn(w, plan.bits, plan.group_size, symmetric)
+    storage = storage_bits(plan.bits)
+    cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits)
+    new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
+    if static:
+        if observer == "minmax" and q.input_scale is None:
+            scale = float(obs.qparams()[0])
+        else:  # the kernels see x * input_scale: observe that, on the sample rows
+            o = make_observer(observer)
+            o(stats.x * (1 if q.input_scale is None else q.input_scale))
+            scale = float(o.qparams()[0])
+        new.act_scale = scale
+    return new

@@ -3,5 +3,6 @@ from .fake_quantize import FakeQuantize
 from .qat_linear import QATLinear
 from .quant_embedding import QuantEmbedding
 from .quant_linear import QuantLinear
+from .tied_embedding import TiedQuantEmbedding
 
-__all__ = ["QuantLinear", "QuantEmbedding", "FakeQuantize", "QATLinear"]
+__all__ = ["QuantLinear", "QuantEmbedding", "TiedQuantEmbedding", "FakeQuantize", "QATLinear"]

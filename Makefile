@@ -43,7 +43,7 @@ $(VENV)/.material: $(VENV)/.built
 setup: $(VENV)/.built $(VENV)/.material
 
 demo: setup
-	$(VPY) -m lowbit.cli demo
+	$(VPY) -m lowbit.cli demo smollm2
 
 # The suite, then the kernel tests again under ASan + UBSan (~1 min; CI runs both).
 test: setup

@@ -257,6 +257,15 @@ def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activa
     return size
 
 
+def _passive_openmp() -> None:
+    """Let torch's OpenMP workers sleep between ops instead of spinning on the
+    cores lowbit's pool needs (see lowbit.nn.quant_linear); only works before
+    torch is imported, which the CLI has not done yet."""
+    import os
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,8 +280,11 @@ def main(argv=None) -> int:
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
     q.add_argument("--embeddings", type=int, choices=(8, 4), default=None,
                    help="also store large untied embedding tables as int8/int4 rows")
-    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and print size, speed and quality")
-    d.add_argument("--weights-only", action="store_true", help="only the NumPy per-format weight table")
+    d = sub.add_parser("demo", help="SmolLM2-135M in float and lowbit: size, perplexity, pp/tg speed, a sample "
+                                    "('minilm': the all-MiniLM-L6-v2 tables)")
+    d.add_argument("model", nargs="?", choices=("smollm2", "minilm"), default="smollm2")
+    d.add_argument("--weights-only", action="store_true", help="minilm: only the NumPy per-format weight table")
+    d.add_argument("--windows", type=int, default=8, help="smollm2: perplexity windows of 512 tokens")
     b = sub.add_parser("bench", help="quick GEMV speed check on this machine")
     b.add_argument("--size", type=int, default=4096)
     b.add_argument("--reps", type=int, default=20)
@@ -293,6 +305,13 @@ def main(argv=None) -> int:
         quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
                        not args.asym, embeddings=args.embeddings)
     elif args.command == "demo":
+        if args.model == "smollm2":
+            if args.windows < 1:
+                parser.error("--windows must be >= 1")
+            _passive_openmp()
+            from .eval.llm_demo import run
+            run(windows=args.windows)
+            return 0
         if not args.weights_only:
             model_demo()
             print(file=sys.stdout)

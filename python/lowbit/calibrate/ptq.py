@@ -24,7 +24,7 @@ from torch import nn
 from ..config import QuantConfig, storage_bits
 from .data import StopForward, forward_all
 from .observers import make_observer
-from .weights import LayerStats, awq, gptq, rtn
+from .weights import LayerStats, awq, gptq, gptq_factor, rtn
 
 METHODS = ("rtn", "gptq", "awq")
 
@@ -265,7 +265,8 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
     from ..nn import QuantLinear
     w = mod.weight.detach().float()
     if method == "gptq":
-        q = gptq(w, stats.hessian, plan.bits, plan.group_size, symmetric, act_order=act_order)
+        factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.hessian, act_order))
+        q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor)
     elif method == "awq":
         q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -121,8 +122,24 @@ def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optiona
     return best
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True,
-         act_order: bool = False, damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+def gptq_factor(h: torch.Tensor, act_order: bool = False, damp: float = 0.01) -> tuple:
+    """(dead columns, column order, upper Cholesky factor of the damped inverse
+    Hessian): what GPTQ needs of H. Layers fed the same input (q/k/v, gate/up)
+    share it, so it can be computed once for them."""
+    k = h.shape[0]
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    return dead, perm, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[int], symmetric: bool = True,
+         act_order: bool = False, damp: float = 0.01, block: int = 32, factor: Optional[tuple] = None
+         ) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each
     column's error onto the columns not yet quantized, weighted by the inverse
     Hessian H = E[x x^T] of the layer's inputs (through its Cholesky factor).
@@ -131,22 +148,18 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: Optional[int], symm
     error-updated weights); with ``act_order`` columns go in order of decreasing
     H diagonal and the scales are fixed up front from the original weights
     ("static groups"), so groups stay contiguous runs of K, as the kernels need.
+    ``factor``: :func:`gptq_factor` of h (with the same act_order and damp), if
+    already computed; h may then be None.
     """
     n, k = w.shape
     g = k if group is None else group
+    dead, perm, Hinv = factor if factor is not None else gptq_factor(h, act_order, damp)
     W = w.detach().double().clone()
-    H = h.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
     static = None
     if act_order or group is None:
         static = group_params(_grouped(W.float(), group), bits, symmetric)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    W = W[:, perm]
     codes = torch.zeros(n, k, dtype=torch.int32)
     scales = torch.zeros(n, k // g, dtype=torch.float32)
     zps = None if symmetric else torch.zeros(n, k // g, dtype=torch.float32)
@@ -154,29 +167,47 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: Optional[int], symm
         scales.copy_(static[0])
         if zps is not None:
             zps.copy_(static[1])
-    block = max(block, g) // g * g if g <= block else g
+    # Columns are updated one by one inside a block, later blocks by one matmul
+    # per block (the paper's lazy batch update). Group scales chosen on the fly
+    # must see their whole group updated, so such a group never straddles blocks;
+    # fixed (static) scales allow any block: 32 keeps the per-column work small
+    # (a per-row layer would otherwise be one K-wide block).
+    if static is None:
+        block = max(block, g) // g * g if g <= block else g
+    qmin, qmax = qrange(bits, symmetric)
+    codes_np = codes.numpy()
+    perm_np = perm.numpy()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
-        Err = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        # The column loop runs in NumPy: ~10 small ops per column, each ~1 us
+        # there against ~8 us in torch (SmolLM2: 150k columns, 93 s -> ~15 s).
+        # Same arithmetic as quant_codes: float32 w * (1 / s), clamp, round half even.
+        W1 = W[:, i1:i2].numpy().copy()
+        Err = np.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2].numpy()
+        cur = None
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(perm[col]) // g
+            gi = int(perm_np[col]) // g
             if static is None and col % g == 0:  # a new group starts here (never straddles blocks)
-                s, z = group_params(W1[:, i:i + g].float(), bits, symmetric)
+                s, z = group_params(torch.from_numpy(W1[:, i:i + g]).float(), bits, symmetric)
                 scales[:, gi] = s
                 if zps is not None:
                     zps[:, gi] = z
-            s = scales[:, gi]
-            z = None if zps is None else zps[:, gi]
-            q = quant_codes(W1[:, i:i + 1].float(), s, z, bits, symmetric)[:, 0]
-            codes[:, col] = q
-            deq = (q.double() - (0 if z is None else z.double())) * s.double()
-            err = (W1[:, i] - deq) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                cur = None
+            if gi != cur:  # this column's group parameters, as NumPy float32 (act order jumps between groups)
+                cur = gi
+                s32 = scales[:, gi].numpy()
+                z32 = np.zeros_like(s32) if zps is None else zps[:, gi].numpy()
+                inv32 = np.where(s32 == 0, np.float32(0), np.float32(1) / np.where(s32 == 0, np.float32(1), s32))
+                lo32, hi32 = (qmin - z32).astype(np.float32), (qmax - z32).astype(np.float32)
+                s64, z64 = s32.astype(np.float64), z32.astype(np.float64)
+            q = np.rint(np.clip(W1[:, i].astype(np.float32) * inv32, lo32, hi32)) + z32
+            codes_np[:, col] = q.astype(np.int32)
+            err = (W1[:, i] - (q.astype(np.float64) - z64) * s64) / Hinv1[i, i]
+            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
             Err[:, i] = err
-        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= torch.from_numpy(Err) @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     return QuantizedWeight(codes[:, inv].contiguous(), scales, zps, bits, group)
 
@@ -220,8 +251,16 @@ class LayerStats:
         self.sample: list = []
         self._kept = 0
         self._gen = torch.Generator().manual_seed(0)
+        self._cache: dict = {}
+
+    def cached(self, key, make):
+        """make() once per key for these statistics (e.g. GPTQ's factor of H)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def add(self, x: torch.Tensor) -> None:
+        self._cache.clear()
         x = x.detach().reshape(-1, self.k)
         if self.h is not None:
             # float32 products over chunks of 4096 rows, summed in float64: 4x

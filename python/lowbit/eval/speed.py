@@ -27,8 +27,8 @@ class Speed:
     runs: int
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: thread pool, allocator, lazily built state
+def _median_time(fn, repeats: int, warmup=None) -> float:
+    (warmup or fn)()  # warm-up: thread pool, allocator, lazily built state
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -69,7 +69,8 @@ def generation_speed(model, tokenizer, n_gen: int = 128, repeats: int = 3, promp
     if n_gen < 1 or repeats < 1:
         raise ValueError(f"n_gen and repeats must be >= 1, got {n_gen}, {repeats}")
     last = []
-    t = _median_time(lambda: last.append(generate(model, tokenizer, prompt, n_gen)[0]), repeats)
+    t = _median_time(lambda: last.append(generate(model, tokenizer, prompt, n_gen)[0]), repeats,
+                     warmup=lambda: generate(model, tokenizer, prompt, min(n_gen, 8)))
     speed = Speed(n_gen / t, t, n_gen, repeats)
     return (speed, tokenizer.decode(last[-1], skip_special_tokens=True)) if return_text else speed
 

@@ -1,0 +1,206 @@
+"""Model-level benchmark: SmolLM2-135M and a 1B-shaped Llama through lowbit,
+torch and llama.cpp, on the field's numbers (DESIGN.md section 5):
+
+* perplexity on Jane Austen's *Emma* with llama.cpp's protocol (512-token
+  windows, second half scored; ``lowbit.eval.perplexity`` and ``llama-perplexity
+  -c 512`` on the same text file);
+* pp512 (one forward of 512 tokens) and tg128 (greedy generation of 128 tokens
+  with the KV cache), 1 and 2 threads; llama.cpp through ``llama-bench -p 512
+  -n 128`` on GGUFs converted from the same HF folders.
+
+Every (model, variant, threads) runs in its own process, so thread settings and
+memory do not leak. torch variants run with torch's default OpenMP settings;
+lowbit variants with OMP_WAIT_POLICY=PASSIVE (torch's spinning OpenMP workers
+otherwise take the cores lowbit's pool runs on; see README). The 1B-shaped model
+has random weights (speed only: its perplexity means nothing).
+
+    python benchmarks/bench_llm.py            # everything, writes llm_results.json + README section + plot
+    python benchmarks/bench_llm.py --quick    # SmolLM2 only, 2 threads
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+VARIANTS = {  # name -> (float dtype, lowbit.quantize kwargs or None)
+    "torch fp32": ("float32", None),
+    "torch bf16": ("bfloat16", None),
+    "lowbit int4": ("float32", dict(bits=4)),
+    "lowbit W4A8": ("float32", dict(bits=4, activations=8)),
+    "lowbit W8A8": ("float32", dict(bits=8, group_size=None, activations=8)),
+    "lowbit int8": ("float32", dict(bits=8, group_size=None)),
+}
+LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
+PPL_WINDOWS = 32
+
+
+def llama1b_dir() -> Path:
+    """A Llama with 1B-class shapes and random weights (seeded), SmolLM2's tokenizer."""
+    from lowbit.eval.material import cache_dir, smollm2_dir
+    path = cache_dir() / "llama1b-random"
+    if (path / "config.json").exists():
+        return path
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + "."))
+    model.save_pretrained(tmp)
+    for f in smollm2_dir().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy(f, tmp / f.name)
+    os.replace(tmp, path)
+    return path
+
+
+def model_dir(name: str) -> Path:
+    from lowbit.eval.material import smollm2_dir
+    return smollm2_dir() if name == "smollm2" else llama1b_dir()
+
+
+# ----------------------------------------------------------------------------- worker (one process)
+def worker(spec: dict) -> dict:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lowbit
+    from lowbit.eval.perplexity import perplexity, tokenize
+    from lowbit.eval.speed import generation_speed, prompt_speed
+
+    threads = spec["threads"]
+    torch.set_num_threads(threads)
+    lowbit.set_num_threads(threads)
+    dtype, kwargs = VARIANTS[spec["variant"]]
+    path = model_dir(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    out = dict(spec)
+    t0 = time.perf_counter()
+    if kwargs is not None:
+        lowbit.quantize(model, progress=False, **kwargs)
+        with tempfile.TemporaryDirectory() as tmp:
+            out["file_bytes"] = lowbit.save(model, os.path.join(tmp, "m.safetensors"))
+    else:
+        out["file_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["quantize_s"] = time.perf_counter() - t0
+    reps = spec.get("reps", 2)
+    out["pp"] = prompt_speed(model, 512, repeats=reps).tokens_per_s
+    out["tg"] = generation_speed(model, tok, 128, repeats=reps).tokens_per_s
+    if spec.get("ppl"):
+        from lowbit.eval.material import EVALUATION_NOVEL, austen
+        out["ppl"] = perplexity(model, None, tokenize(tok, austen(EVALUATION_NOVEL)), max_windows=PPL_WINDOWS,
+                                progress=False).ppl
+    if spec.get("profile"):
+        out["profile"] = decode_profile(model, tok)
+    return out
+
+
+def decode_profile(model, tok, steps: int = 16) -> dict:
+    """Where one decode step's time goes (ms per token): lowbit layers, float
+    linears, attention, norms, the rest (torch profiler, CPU self time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowbit.eval.speed import generate
+    generate(model, tok, n_gen=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        generate(model, tok, n_gen=steps)
+        wall = time.perf_counter() - t0
+    groups = {"lowbit linear": 0.0, "torch linear": 0.0, "attention": 0.0, "other torch ops": 0.0}
+    for e in prof.key_averages():
+        if e.key.startswith("ProfilerStep"):
+            continue
+        t = e.self_cpu_time_total / 1e3
+        if "lowbit" in e.key:
+            groups["lowbit linear"] += t
+        elif e.key in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul"):
+            groups["torch linear"] += t
+        elif "attention" in e.key:
+            groups["attention"] += t
+        elif e.key.startswith("aten::"):
+            groups["other torch ops"] += t
+    per_token = {k: v / steps for k, v in groups.items()}
+    per_token["total wall"] = wall * 1e3 / steps
+    per_token["python and framework"] = per_token["total wall"] - sum(v for k, v in per_token.items()
+                                                                     if k != "total wall")
+    return per_token
+
+
+def run_worker(spec: dict) -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if spec["variant"].startswith("lowbit"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise RuntimeError(f"worker {spec} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- driver
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 at 2 threads only")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "llm_results.json"))
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    import lowbit
+    from lowbit.eval.material import EVALUATION_NOVEL, austen, cache_dir
+    models = ["smollm2"] if args.quick else ["smollm2", "llama1b"]
+    threads = [2] if args.quick else [1, 2]
+    results = dict(machine=lowbit.cpu_target(), date=time.strftime("%Y-%m-%d"), lowbit=[], llamacpp=[])
+    for m in models:
+        model_dir(m)
+        for th in threads:
+            for v in VARIANTS:
+                spec = dict(model=m, variant=v, threads=th, ppl=(m == "smollm2" and th == max(threads)),
+                            reps=1 if (m == "llama1b" and v.startswith("torch")) else 2,
+                            profile=(v in ("lowbit int4", "lowbit W4A8") and th == max(threads)))
+                r = run_worker(spec)
+                results["lowbit"].append(r)
+                print(f"{m:8s} {v:13s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}"
+                      + (f"  ppl {r['ppl']:.3f}" if r.get("ppl") else ""), flush=True)
+    if not args.no_llamacpp:
+        import llamacpp
+        text = cache_dir() / "emma.txt"
+        text.write_text(austen(EVALUATION_NOVEL))
+        for m in models:
+            ggufs = llamacpp.convert(model_dir(m), m, LLAMA_TYPES)
+            for t in (("F32",) if m == "smollm2" else ()) + LLAMA_TYPES:
+                for th in threads:
+                    r = dict(model=m, type=t, threads=th, file_bytes=ggufs[t].stat().st_size,
+                             **llamacpp.bench(ggufs[t], th))
+                    if m == "smollm2" and th == max(threads):
+                        r["ppl"] = llamacpp.perplexity(ggufs[t], text, th, PPL_WINDOWS)
+                    results["llamacpp"].append(r)
+                    print(f"{m:8s} llama.cpp {t:7s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}"
+                          + (f"  ppl {r['ppl']:.3f}" if r.get("ppl") else ""), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""SmolLM2-135M end to end: perplexity with llama.cpp's protocol, the default
+int4 call (int8 tied head), save / load, generation."""
+import copy
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.eval import material, perplexity
+from lowbit.eval.perplexity import tokenize
+
+WINDOWS = 6
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = material.load_smollm2()
+    ids = tokenize(tok, material.austen(material.EVALUATION_NOVEL))
+    return model, tok, ids
+
+
+def direct_perplexity(model, ids, context, windows):
+    """The protocol written out plainly: full logits, one window at a time."""
+    nll, count = 0.0, 0
+    first = context // 2
+    with torch.no_grad():
+        for w in range(windows):
+            x = torch.tensor(ids[w * context:(w + 1) * context])[None]
+            logits = model(input_ids=x).logits[0].double()
+            nll += float(torch.nn.functional.cross_entropy(logits[first:-1], x[0, first + 1:], reduction="sum"))
+            count += context - first - 1
+    return math.exp(nll / count), count
+
+
+def test_float32_perplexity_reproduces_and_matches_the_protocol(smollm2):
+    model, tok, ids = smollm2
+    a = perplexity(model, tok, material.austen(material.EVALUATION_NOVEL), max_windows=WINDOWS, progress=False)
+    b = perplexity(model, None, ids, max_windows=WINDOWS, batch_size=2, progress=False)
+    assert a.windows == WINDOWS and a.scored_tokens == WINDOWS * 255 and a.context == 512
+    assert abs(a.ppl - b.ppl) <= 1e-4 * a.ppl
+    ref, count = direct_perplexity(model, ids, 512, WINDOWS)
+    assert count == a.scored_tokens
+    assert abs(a.ppl - ref) <= 1e-4 * ref
+    assert 10 < a.ppl < 60 and a.stderr > 0
+    assert len(a.window_nll) == WINDOWS and float(a) == a.ppl
+    # max_tokens bounds the text: 3 windows' worth of tokens gives 3 windows.
+    assert perplexity(model, None, ids, max_tokens=3 * 512 + 100, progress=False).windows == 3
+
+
+def test_perplexity_rejects_bad_arguments(smollm2):
+    model, tok, ids = smollm2
+    with pytest.raises(ValueError, match="context"):
+        perplexity(model, tok, "some text", context=511)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, tok, "far too short", progress=False)
+    with pytest.raises(ValueError, match="max_windows"):
+        perplexity(model, None, ids, max_windows=0)
+    with pytest.raises(TypeError, match="tokenizer"):
+        perplexity(model, None, "a string needs a tokenizer")
+
+
+def test_int8_perplexity_within_half_a_percent(smollm2):
+    # int8 in groups of 64 (8.5 bits/weight: llama.cpp Q8_0's size), head included.
+    model, tok, ids = smollm2
+    fp32 = perplexity(model, None, ids, max_windows=WINDOWS, progress=False).ppl
+    q = lowbit.quantize(copy.deepcopy(model), bits=8, group_size=64, progress=False)
+    int8 = perplexity(q, None, ids, max_windows=WINDOWS, progress=False).ppl
+    assert abs(int8 / fp32 - 1) < 0.005, (fp32, int8)
+
+
+def test_default_int4_ties_the_int8_head_and_round_trips(smollm2, tmp_path):
+    from lowbit.nn import QuantLinear, TiedQuantEmbedding
+    model, tok, ids = smollm2
+    q = lowbit.quantize(copy.deepcopy(model), bits=4, progress=False)
+    assert isinstance(q.lm_head, QuantLinear) and q.lm_head.config.bits == 8 and q.lm_head.config.group_size == 64
+    emb = q.model.embed_tokens
+    assert isinstance(emb, TiedQuantEmbedding) and emb.head is q.lm_head
+    some = torch.tensor([0, 1, 15, 16, 17, 12345, 49151])
+    assert torch.equal(emb(some), q.lm_head.dequantized_weight()[some])
+    # One copy of the table: the state dict holds the head's tiles and no float table.
+    sd = q.state_dict()
+    assert not any(k.endswith("embed_tokens.weight") or k == "lm_head.weight" for k in sd)
+    s = lowbit.summary(q)
+    assert s["model_bytes"] < 0.25 * sum(p.numel() * 4 for p in model.parameters())
+    path = tmp_path / "smollm2-int4.safetensors"
+    size = lowbit.save(q, path)
+    assert size < 110 * 2**20  # float32 is 513 MiB
+    skeleton = type(model)(model.config)
+    loaded = lowbit.load(path, skeleton).eval()
+    assert isinstance(loaded.model.embed_tokens, TiedQuantEmbedding)
+    assert loaded.model.embed_tokens.head is loaded.lm_head
+    x = torch.tensor(ids[:64])[None]
+    with torch.no_grad():
+        assert torch.equal(q(x).logits, loaded(x).logits)
+    from lowbit.eval.speed import generate
+    a, _ = generate(q, tok, n_gen=12)
+    b, _ = generate(loaded, tok, n_gen=12)
+    assert torch.equal(a, b) and a.numel() == 12
+    assert len(tok.decode(a).strip()) > 0
+    # heads=None keeps the tied float table (the earlier behaviour).
+    f = lowbit.quantize(copy.deepcopy(model), bits=4, heads=None, progress=False)
+    assert type(f.lm_head) is torch.nn.Linear and f.lm_head.weight is f.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="heads"):
+        lowbit.quantize(copy.deepcopy(model), bits=4, heads=3, progress=False)
+
+
+def test_speed_helpers_measure(smollm2):
+    from lowbit.eval.speed import first_sentence, generation_speed, prompt_speed
+    model, tok, _ = smollm2
+    pp = prompt_speed(model, 32, repeats=1)
+    tg, text = generation_speed(model, tok, 4, repeats=1, return_text=True)
+    assert pp.tokens == 32 and pp.tokens_per_s > 0 and tg.tokens == 4 and tg.tokens_per_s > 0
+    assert isinstance(text, str)
+    assert first_sentence("One two.  Three four. Five") == "One two."
+    with pytest.raises(ValueError):
+        prompt_speed(model, 0)

@@ -72,6 +72,14 @@ bench: setup
 	$(VPY) benchmarks/bench_model.py
 	$(VPY) benchmarks/bench_fake_quant.py
 	$(VPY) benchmarks/bench_stream.py --write
+	$(MAKE) --no-print-directory bench-llm
+
+# SmolLM2 and a 1B-shaped Llama vs torch and llama.cpp (built from PyPI's
+# llama-cpp-python sdist into $(LOWBIT_CACHE)/llama.cpp; ~40 minutes in all).
+bench-llm: setup
+	$(PIP) matplotlib sentencepiece
+	$(VPY) benchmarks/bench_llm.py
+	$(VPY) benchmarks/llm_report.py
 
 clean:
 	rm -rf build build-asan $(VENV)/.built

@@ -106,6 +106,8 @@ def linear_impl(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tenso
                 n: int, k: int, bits: int, group_size: int, act_bits: int, act_scale: float = 0.0) -> Tensor:
     """The body of lowbit::linear; QuantLinear calls it directly in eager inference,
     where the custom-op dispatch (~100 us) would cost more than a small layer."""
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the layer expects {k}")
     w = _packed(data, scales, offsets, n, k, bits, group_size)
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:

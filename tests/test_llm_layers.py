@@ -156,3 +156,28 @@ def test_thread_policy_warning(monkeypatch):
         warnings.simplefilter("error")
         with torch.no_grad():
             layer(torch.randn(1, 64))
+
+
+@pytest.mark.parametrize("activations", [None, 8])
+def test_fused_projections_compute_the_same(activations, tmp_path):
+    from lowbit.nn import FusedMember
+    model = tiny_llama(vocab=512)
+    q = lowbit.quantize(model, bits=4, group_size=32, activations=activations, progress=False)
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        ref = q(ids).logits
+    gen_ref = q.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    names = lowbit.fuse_projections(q)
+    assert names == ["model.layers.0.self_attn.q_k_v_fused", "model.layers.0.mlp.gate_up_fused",
+                     "model.layers.1.self_attn.q_k_v_fused", "model.layers.1.mlp.gate_up_fused"]
+    assert isinstance(q.model.layers[0].self_attn.k_proj, FusedMember)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, ref)
+    assert torch.equal(q.generate(ids[:1], max_new_tokens=6, do_sample=False), gen_ref)
+    # Gradients reach the input through the fused call (adapters on a frozen base).
+    x = torch.randn(1, 3, 256, requires_grad=True)
+    q.model.layers[0].self_attn.v_proj(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert lowbit.fuse_projections(q) == []  # nothing left to fuse
+    with pytest.raises(ValueError, match="fused"):
+        lowbit.save(q, tmp_path / "m.safetensors")

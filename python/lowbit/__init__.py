@@ -28,6 +28,8 @@ _TORCH_API = {
     "convert": ("qat", "convert"),
     "save": ("io", "save"),
     "load": ("io", "load"),
+    "eval": ("eval", None),
+    "fuse_projections": ("nn", "fuse_projections"),
 }
 
 

@@ -167,6 +167,10 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
     from .nn import QuantEmbedding
     from .nn import TiedQuantEmbedding
     module_names = {id(m): n for n, m in model.named_modules()}
+    from .nn import FusedProjection
+    if any(isinstance(m, FusedProjection) for m in model.modules()):
+        raise ValueError("model has fused projections (lowbit.fuse_projections): save it before fusing, "
+                         "and fuse again after lowbit.load")
     for name, mod in model.named_modules():
         if isinstance(mod, TiedQuantEmbedding):
             if id(mod.head) not in module_names:

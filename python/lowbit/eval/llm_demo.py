@@ -77,10 +77,12 @@ def run(out=None, windows: int = 8, n_prompt: int = 512, n_gen: int = 128, calib
     torch.set_num_threads(threads)
     base, tok = load_smollm2("float32")
     ids = tokenize(tok, austen(EVALUATION_NOVEL))
+    n_params = sum(p.numel() for p in base.parameters())
     print(f"SmolLM2-135M-Instruct; perplexity: Emma, {windows} windows of 512 (llama.cpp protocol); "
           f"pp{n_prompt} / tg{n_gen} tokens/s; {threads} threads (torch and lowbit); kernels {lowbit.cpu_target()}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}", file=out)
-    header = f"{'model':28s} {'file MiB':>9s} {'bits/w':>7s} {'PPL':>8s} {'vs fp32':>8s} {'pp tok/s':>9s} " \
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; bits/p: file bits per parameter",
+          file=out)
+    header = f"{'model':28s} {'file MiB':>9s} {'bits/p':>7s} {'PPL':>8s} {'vs fp32':>8s} {'pp tok/s':>9s} " \
              f"{'tg tok/s':>9s} {'quant s':>8s}  first sentence of the reply to: \"{PROMPT}\""
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -100,7 +102,7 @@ def run(out=None, windows: int = 8, n_prompt: int = 512, n_gen: int = 128, calib
             lowbit.quantize(model, progress=False, **kwargs)
             with tempfile.TemporaryDirectory() as tmp:
                 size = lowbit.save(model, os.path.join(tmp, "m.safetensors"))
-            bpw = lowbit.summary(model)["bits_per_weight"]
+            bpw = 8.0 * size / n_params
         t_quant = time.perf_counter() - t0
         ppl = perplexity(model, None, ids, max_windows=windows, progress=False).ppl
         ref_ppl = ref_ppl or ppl
@@ -114,4 +116,23 @@ def run(out=None, windows: int = 8, n_prompt: int = 512, n_gen: int = 128, calib
               f"{tg.tokens_per_s:9.1f} {t_quant:8.1f}  {row['sample']}", file=out, flush=True)
         if model is not base:
             del model
+    print(_llamacpp_sizes(), file=out)
     return rows
+
+
+# llama.cpp's files for the same model (llama-quantize of the f32 GGUF that
+# convert_hf_to_gguf.py makes from the same folder; benchmarks/bench_llm.py):
+# output / token-embedding tensors stay at 6-8 bits there too.
+LLAMACPP_MIB = {"Q8_0": 138.1, "Q4_K_M": 100.6, "Q4_0": 87.5}
+
+
+def _llamacpp_sizes() -> str:
+    from .material import cache_dir
+    sizes, source = {}, "measured by benchmarks/bench_llm.py"
+    for t in LLAMACPP_MIB:
+        p = cache_dir() / "llama.cpp" / "gguf" / f"smollm2-{t}.gguf"
+        if p.exists():
+            sizes[t], source = p.stat().st_size / 2**20, "files in the cache"
+    sizes = {t: sizes.get(t, mib) for t, mib in LLAMACPP_MIB.items()}
+    return "llama.cpp files of the same model (" + source + "): " + \
+        ", ".join(f"{t} {mib:.1f} MiB" for t, mib in sizes.items())

@@ -208,6 +208,7 @@ def stack_batches(data: list):
 def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items):
     """Quantize every target during a single forward pass over ``batch``."""
     from ..api import _set_module as replace_module
+    from ..nn.fused import tensor_version
     from .data import run_batch
     done, hooks = {}, []
     shared = {}  # layers fed the very same tensor (q/k/v, gate/up) share one LayerStats
@@ -217,9 +218,9 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
         if name in done:
             return
         x = args[0]
-        if shared.get("x") is not x or shared.get("version") != x._version:
+        if shared.get("x") is not x or shared.get("version") != tensor_version(x):
             shared.clear()
-            shared.update(x=x, version=x._version)
+            shared.update(x=x, version=tensor_version(x))
         stats = shared.get(mod.in_features)
         if stats is None:
             stats = shared[mod.in_features] = LayerStats(mod.in_features, need_hessian=method == "gptq")

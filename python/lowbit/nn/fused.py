@@ -24,6 +24,12 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "k
 TILE_ROWS = 16
 
 
+def tensor_version(x: torch.Tensor) -> int:
+    """x's in-place version counter; inference-mode tensors have none (-1): for
+    them the same tensor object is taken to hold the same values."""
+    return -1 if x.is_inference() else x._version
+
+
 class FusedProjection(nn.Module):
     """Owns the concatenated layer; its members call :meth:`slice`."""
 
@@ -38,8 +44,9 @@ class FusedProjection(nn.Module):
         if torch.compiler.is_compiling():
             return self.fused(x)[..., start:end]
         last = self._last
-        if last is None or last[0] is not x or last[1] != x._version:
-            last = self._last = (x, x._version, self.fused(x))
+        version = tensor_version(x)
+        if last is None or last[0] is not x or last[1] != version:
+            last = self._last = (x, version, self.fused(x))
         return last[2][..., start:end]
 
 

@@ -34,7 +34,6 @@ VARIANTS = (
     Variant("bfloat16 (torch)", dtype="bfloat16"),
     Variant("lowbit int8", quantize=dict(bits=8, group_size=None)),
     Variant("lowbit int4 (default call)", quantize=dict(bits=4)),
-    Variant("lowbit int4 W4A8", quantize=dict(bits=4, activations=8)),
     Variant("lowbit int4 GPTQ", quantize=dict(bits=4, method="gptq"), calibrated=True),
 )
 

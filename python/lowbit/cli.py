@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="SmolLM2-135M in float and lowbit: size, perplexity, pp/tg speed, a sample "
                                     "('minilm': the all-MiniLM-L6-v2 tables)")
     d.add_argument("model", nargs="?", choices=("smollm2", "minilm"), default="smollm2")
-    d.add_argument("--weights-only", action="store_true", help="minilm: only the NumPy per-format weight table")
+    d.add_argument("--weights-only", action="store_true", help="only MiniLM's NumPy per-format weight table")
     d.add_argument("--windows", type=int, default=8, help="smollm2: perplexity windows of 512 tokens")
     b = sub.add_parser("bench", help="quick GEMV speed check on this machine")
     b.add_argument("--size", type=int, default=4096)
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
                        not args.asym, embeddings=args.embeddings)
     elif args.command == "demo":
-        if args.model == "smollm2":
+        if args.model == "smollm2" and not args.weights_only:
             if args.windows < 1:
                 parser.error("--windows must be >= 1")
             _passive_openmp()

@@ -148,7 +148,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     if heads is not None:
         skipped = _quantize_heads(model, heads, activations, skipped, progress)
     if embeddings == "auto":
-        skipped += _quantize_embeddings(model, 8, _matcher(exclude, "exclude"), min_weights=LARGE_TABLE)
+        skipped += _quantize_embeddings(model, 8, _matcher(exclude, "exclude"), min_weights=LARGE_TABLE,
+                                        report_small=False)
     elif embeddings is not None:
         skipped += _quantize_embeddings(model, embeddings, _matcher(exclude, "exclude"))
     if progress and skipped:
@@ -157,7 +158,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
 
 
 def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, progress: bool) -> list:
-    """Quantize the large output heads that _select left in float (per-row scales);
+    """Quantize the large output heads that _select left in float (groups of HEAD_GROUP);
     tie embeddings that shared a head's weight to its tiles. Returns the new skip list."""
     from .nn import TiedQuantEmbedding
     if isinstance(bits, bool) or bits not in (8, 4):
@@ -183,7 +184,8 @@ def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, pro
     return keep
 
 
-def _quantize_embeddings(model: nn.Module, bits: int, skip, min_weights: int = MIN_WEIGHTS) -> list:
+def _quantize_embeddings(model: nn.Module, bits: int, skip, min_weights: int = MIN_WEIGHTS,
+                         report_small: bool = True) -> list:
     from .nn import QuantEmbedding
     if isinstance(bits, bool) or bits not in (8, 4):
         raise ValueError(f"embeddings must be None, \"auto\", 8 or 4, got {bits!r}")
@@ -200,7 +202,7 @@ def _quantize_embeddings(model: nn.Module, bits: int, skip, min_weights: int = M
         elif shared:
             skipped.append((name, f"tied to {shared[0]}"))
         elif mod.weight.numel() < min_weights or mod.max_norm is not None or mod.sparse:
-            if min_weights == MIN_WEIGHTS:
+            if report_small:
                 skipped.append((name, "tiny or max_norm/sparse embedding"))
         else:
             _set_module(model, name, QuantEmbedding.from_embedding(mod, bits))
@@ -268,12 +270,12 @@ def summary(model: nn.Module, file=None) -> dict:
     from .nn import QuantEmbedding, TiedQuantEmbedding
     emb_rows = []
     for name, mod in model.named_modules():
-        if isinstance(mod, TiedQuantEmbedding):
+        if isinstance(mod, (QuantEmbedding, TiedQuantEmbedding)):
             before = mod.num_embeddings * mod.embedding_dim * torch.finfo(mod.orig_dtype).bits // 8
+        if isinstance(mod, TiedQuantEmbedding):
             emb_rows.append(dict(name=name, shape=(mod.num_embeddings, mod.embedding_dim), config=mod.label,
                                  bytes_before=before, bytes_after=0, kernel="row gather from the head's tiles"))
         if isinstance(mod, QuantEmbedding):
-            before = mod.num_embeddings * mod.embedding_dim * torch.finfo(mod.orig_dtype).bits // 8
             emb_rows.append(dict(name=name, shape=(mod.num_embeddings, mod.embedding_dim), config=mod.label,
                                  bytes_before=before, bytes_after=mod.nbytes, kernel="row gather + dequantize"))
     for p in model.parameters():

@@ -164,13 +164,11 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
         raise TypeError("metadata must map str to str")
     layers = {}
     first, second = [], []  # tiled QuantLinear tensors (64-byte multiples), then int2 rows; module order
-    from .nn import QuantEmbedding
-    from .nn import TiedQuantEmbedding
-    module_names = {id(m): n for n, m in model.named_modules()}
-    from .nn import FusedProjection
+    from .nn import FusedProjection, QuantEmbedding, TiedQuantEmbedding
     if any(isinstance(m, FusedProjection) for m in model.modules()):
         raise ValueError("model has fused projections (lowbit.fuse_projections): save it before fusing, "
                          "and fuse again after lowbit.load")
+    module_names = {id(m): n for n, m in model.named_modules()}
     for name, mod in model.named_modules():
         if isinstance(mod, TiedQuantEmbedding):
             if id(mod.head) not in module_names:
@@ -384,11 +382,9 @@ def _check_embedding(where: str, name: str, m: dict, tensors: dict) -> None:
         raise FormatError(f"{where}: bits must be 8, 4 or 2")
     if g is not None and (type(g) is not int or g <= 0 or d % g):
         raise FormatError(f"{where}: group_size {g!r} does not divide embedding_dim={d}")
-    if type(m["symmetric"]) is not bool or m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
-        raise FormatError(f"{where}: symmetric must be a boolean and orig_dtype a float dtype")
-    p = m["padding_idx"]
-    if p is not None and (type(p) is not int or not -v <= p < v):
-        raise FormatError(f"{where}: padding_idx {p!r} out of range")
+    if type(m["symmetric"]) is not bool:
+        raise FormatError(f"{where}: symmetric must be a boolean")
+    _check_padding_and_dtype(where, m, v)
     groups = 1 if g is None else d // g
     want = {"packed": ("U8", (v, (d * bits + 7) // 8)), "scales": ("F32", (v, groups))}
     if not m["symmetric"]:
@@ -399,17 +395,21 @@ def _check_embedding(where: str, name: str, m: dict, tensors: dict) -> None:
             raise FormatError(f"{where}: {name}.{part} must be {dt} {list(shape)}")
 
 
+def _check_padding_and_dtype(where: str, m: dict, num_embeddings: int) -> None:
+    p = m["padding_idx"]
+    if p is not None and (type(p) is not int or not -num_embeddings <= p < num_embeddings):
+        raise FormatError(f"{where}: padding_idx {p!r} out of range")
+    if m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
+        raise FormatError(f"{where}: orig_dtype {m['orig_dtype']!r} is not a float dtype")
+
+
 def _check_tied(where: str, m: dict, layers: dict) -> None:
     if set(m) != {"module", "head", "padding_idx", "orig_dtype"}:
         raise FormatError(f"{where}: metadata must have exactly the fields head, module, orig_dtype, padding_idx")
     head = layers.get(m["head"]) if isinstance(m["head"], str) else None
     if not isinstance(head, dict) or head.get("module") != "QuantLinear" or head.get("bits") not in (4, 8):
         raise FormatError(f"{where}: head {m['head']!r} is not an int8/int4 QuantLinear layer of the file")
-    p, v = m["padding_idx"], head["out_features"]
-    if p is not None and (type(p) is not int or not -v <= p < v):
-        raise FormatError(f"{where}: padding_idx {p!r} out of range")
-    if m["orig_dtype"] not in ("float32", "bfloat16", "float16"):
-        raise FormatError(f"{where}: orig_dtype {m['orig_dtype']!r} is not a float dtype")
+    _check_padding_and_dtype(where, m, head["out_features"])
 
 
 def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] = None) -> None:

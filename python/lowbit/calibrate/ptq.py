@@ -142,7 +142,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
     stacked = stack_batches(data) if needs_data else None
     if stacked is not None:
         return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
-                         act_order, items)
+                         act_order, items, progress)
     if needs_data:
         print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
               "passes); equal-shape batches take one pass", file=sys.stderr)
@@ -205,7 +205,8 @@ def stack_batches(data: list):
     return None
 
 
-def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items):
+def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items,
+              progress):
     """Quantize every target during a single forward pass over ``batch``."""
     from ..api import _set_module as replace_module
     from ..nn.fused import tensor_version
@@ -259,7 +260,7 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     missing = [name for name, _ in targets if name not in done]
     if missing:
         raise ValueError(f"layers never ran on the calibration data: {missing[:5]}")
-    _report_plan(plans, bar is not None)
+    _report_plan(plans, progress)
 
 
 def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, static, observer, act_order):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..matmul import TILE_ROWS
 from .quant_linear import QuantLinear
 
 # Sibling names that take the same input in the common architectures.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
           ("w1", "w3"))
-TILE_ROWS = 16
 
 
 def tensor_version(x: torch.Tensor) -> int:

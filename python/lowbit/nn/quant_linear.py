@@ -12,7 +12,7 @@ from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
 
 from ..arrays import QArray, quantize_array
 from ..config import QuantConfig, storage_bits
-from ..matmul import PackedWeights, dequantize_packed, pack_weights
+from ..matmul import KSTEP, PackedWeights, dequantize_packed, pack_weights
 from .fake_quantize import fake_quantize_per_token
 
 
@@ -178,8 +178,7 @@ class QuantLinear(nn.Module):
             bias = None if self.bias is None else ops._np(self.bias.detach().float())
             if bias is not None and self.bias.dtype != torch.float32:
                 key = None  # a converted copy: rebuild every call (its values may change)
-            step = 4 if c.bits == 8 else 8
-            kp = (k + step - 1) // step * step
+            kp = (k + KSTEP[c.bits] - 1) // KSTEP[c.bits] * KSTEP[c.bits]
             cached = (key, ops._np(self.data), ops._np(self.scales).reshape(-1),
                       None if self.offsets is None else ops._np(self.offsets).reshape(-1), group, bias, kp)
             self.__dict__["_kernel_cache"] = cached

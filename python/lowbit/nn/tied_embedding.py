@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-TILE_ROWS = 16
+from ..matmul import KSTEP, TILE_ROWS
 
 
 def gather_tile_rows(head, ids: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def gather_tile_rows(head, ids: torch.Tensor) -> torch.Tensor:
     if c.bits not in (4, 8):
         raise ValueError("only int8 / int4 tiles can be gathered by row")
     k = head.in_features
-    step = 8 if c.bits == 4 else 4
+    step = KSTEP[c.bits]
     kp = (k + step - 1) // step * step
     tiles = head.scales.shape[0]
     t, i = ids // TILE_ROWS, ids % TILE_ROWS

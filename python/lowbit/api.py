@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from .config import GROUP_MULTIPLE, QuantConfig, fit_group, storage_bits
 from .nn import QuantLinear
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -56,8 +56,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         precision (needs ``calibration_data``: each layer's output error is measured
         per format and bits go where they help most per byte); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
-      group_size: scales per this many inputs (None: per row; falls back to per row
-        where it does not divide a layer's inputs).
+      group_size: scales per this many inputs (None: per row). Where it does not
+        divide a layer's inputs, the nearest divisor is used (the largest not above
+        it, e.g. 96 for 576 inputs at 128; see config.fit_group) and reported.
       symmetric: signed codes (default) or codes with zero points.
       activations: None (weight-only, float activations) or 8 (int8 activations,
         integer kernels: W8A8 / W4A8): per token (dynamic), or static per-tensor
@@ -136,6 +137,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
                 continue
             plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b))
         targets = [(n, m) for n, m in targets if n in plans]
+    if progress:
+        _report_groups(targets, plans, group_size)
     simple = method == "rtn" and not static and all(p.bits in (2, 4, 8) for p in plans.values())
     if simple:  # the native quantizer, no calibration pass
         for name, mod in _progress(targets, progress):
@@ -155,6 +158,22 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     if progress and skipped:
         print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
     return model
+
+
+def _report_groups(targets: list, plans: dict, group_size: Optional[int]) -> None:
+    """Say where a layer's group differs from the one asked for (config.fit_group)."""
+    if group_size is None:
+        return
+    changed = {}
+    for name, mod in targets:
+        bits = storage_bits(plans[name].bits)
+        g = fit_group(group_size, mod.in_features, GROUP_MULTIPLE[bits])
+        if g != group_size and group_size < mod.in_features:
+            changed.setdefault((mod.in_features, g), []).append(name)
+    for (k, g), names in sorted(changed.items()):
+        what = f"groups of {g}" if g is not None else "one scale per row (no divisor near it)"
+        print(f"lowbit: group_size={group_size} does not divide in_features={k}: {what} in {len(names)} "
+              f"layer{'s' if len(names) > 1 else ''} (e.g. {names[0]})", file=sys.stderr)
 
 
 def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, progress: bool) -> list:

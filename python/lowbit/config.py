@@ -13,6 +13,28 @@ LAYER_BITS = (8, 4, 2)
 GROUP_MULTIPLE = {**KSTEP, 2: 4}
 
 
+def fit_group(group_size: Optional[int], in_features: int, multiple: int) -> Optional[int]:
+    """The group size a layer with ``in_features`` inputs uses when asked for ``group_size``.
+
+    A group that divides in_features (and is a multiple of the kernels' k-step)
+    is kept. Otherwise the largest such divisor not above group_size is used (never
+    coarser than asked: SmolLM2's 576 inputs at 128 get groups of 96), or, when that
+    is below half of group_size, the smallest one up to twice group_size. Only when
+    no divisor lies in [group_size / 2, 2 * group_size], or group_size >= in_features,
+    is there one scale per row (None); api.quantize reports every change.
+    """
+    if group_size is None or group_size >= in_features:
+        return None
+    if in_features % group_size == 0 and group_size % multiple == 0:
+        return group_size
+    divisors = [d for d in range(multiple, in_features, multiple) if in_features % d == 0]
+    below = [d for d in divisors if group_size / 2 <= d <= group_size]
+    if below:
+        return max(below)
+    above = [d for d in divisors if group_size < d <= 2 * group_size]
+    return min(above) if above else None
+
+
 def storage_bits(code_bits: int) -> int:
     """The layer format holding codes of this width: 3-bit codes go in int4 tiles."""
     return 2 if code_bits == 2 else 4 if code_bits <= 4 else 8
@@ -47,10 +69,8 @@ class QuantConfig:
             raise ValueError(f"code_bits must be 2, 3, 4 or 8 and at most bits={self.bits}, got {self.code_bits!r}")
 
     def for_features(self, in_features: int) -> "QuantConfig":
-        """This config, or per-row scales when the group size does not fit in_features."""
-        g = self.group_size
-        if g is not None and (g >= in_features or in_features % g or g % GROUP_MULTIPLE[self.bits]):
-            g = None
+        """This config with the group size fitted to in_features (see fit_group)."""
+        g = fit_group(self.group_size, in_features, GROUP_MULTIPLE[self.bits])
         return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits)
 
     @property

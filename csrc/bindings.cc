@@ -136,6 +136,26 @@ bool QuantizeRows(const py::array& x, int dtype_flag, int bits, long group, bool
   return lowbit::QuantizeRows(px, dtype, rows, k, stride, spec, given, s, zps, out, pstride);
 }
 
+py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric, int steps) {
+  const size_t stride = CheckRows(x, "x", Kind::kF32, false);
+  const size_t rows = x.shape(0), k = x.shape(1);
+  if (rows == 0 || k == 0) Fail("x must not be empty");
+  if (bits < 2 || bits > 8) Fail("bits must be in [2, 8] (codes of the search grid)");
+  if (group <= 0 || k % static_cast<size_t>(group) != 0) Fail("group_size must divide the last dimension");
+  if (steps < 0 || steps > 64) Fail("steps must be in [0, 64]");
+  const size_t ns = rows * (k / group);
+  py::array_t<float> scales(ns);
+  py::array_t<uint8_t> zps(symmetric ? 0 : ns);
+  const float* px = static_cast<const float*>(x.data());
+  float* s = scales.mutable_data();
+  uint8_t* z = symmetric ? nullptr : zps.mutable_data();
+  {
+    py::gil_scoped_release release;
+    lowbit::SearchScales(px, rows, k, stride, group, bits, symmetric, steps, s, z);
+  }
+  return py::make_tuple(scales, symmetric ? py::object(py::none()) : py::object(zps));
+}
+
 void DequantizeRows(const py::array& packed, size_t k, int bits, long group, bool symmetric,
                     bool per_tensor, const py::array& scales, py::object zps_obj, py::array out,
                     int dtype_flag) {
@@ -444,6 +464,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("given"),
         py::arg("scales").noconvert(), py::arg("zero_points").none(true), py::arg("packed").noconvert(),
         "Quantize rows of x into packed codes; returns False if x held NaN.");
+  m.def("search_scales", &SearchScales, py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("symmetric"),
+        py::arg("steps"), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");
   m.def("dequantize_rows", &DequantizeRows, py::arg("packed"), py::arg("k"), py::arg("bits"),
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("scales"),
         py::arg("zero_points").none(true), py::arg("out").noconvert(), py::arg("dtype"));

@@ -214,7 +214,7 @@ def test_mixed_precision_respects_the_budget_and_helps():
         lowbit.quantize(copy.deepcopy(m), bits=2.5, calibration_data=data, group_size=32, progress=False,
                         include=lambda n, mod: True)
     with pytest.raises(ValueError, match="needs calibration_data"):
-        lowbit.quantize(copy.deepcopy(m), bits=4.5)
+        lowbit.quantize(copy.deepcopy(m), bits=4, method="gptq")
     with pytest.raises(ValueError, match="not quantized targets"):
         lowbit.quantize(copy.deepcopy(m), bits={"nope": 4}, progress=False)
 

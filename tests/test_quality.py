@@ -76,3 +76,57 @@ def test_fitted_group_round_trips_through_storage(tmp_path):
     x = torch.randn(2, 576)
     assert back[0].config.group_size == 96
     assert torch.equal(back[0](x), q[0](x))
+
+
+# ---------------------------------------------------------------------------
+# method="mse" at model level (the kernel and array tests: test_scale_search.py)
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_quantize_method_mse_lowers_the_output_error(bits):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        ref = model(x)
+        errs = {}
+        for method in ("rtn", "mse"):
+            q = lowbit.quantize(copy.deepcopy(model), bits=bits, group_size=64, method=method, progress=False)
+            assert isinstance(q[0], QuantLinear) and q[0].config.group_size == 64
+            errs[method] = float(((q(x) - ref) ** 2).mean())
+    assert errs["mse"] < errs["rtn"]
+
+
+def test_method_mse_needs_no_data_and_saves(tmp_path):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    q = lowbit.quantize(model, bits=4, group_size=32, method="mse", progress=False)
+    path = tmp_path / "m.safetensors"
+    lowbit.save(q, path)
+    back = lowbit.load(path, torch.nn.Sequential(torch.nn.Linear(128, 64)))
+    x = torch.randn(3, 128)
+    assert torch.equal(back(x), q(x))
+
+
+# ---------------------------------------------------------------------------
+# Data-free mixed precision: a bits budget without calibration data
+
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_data_free_budget(method):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256) for _ in range(6)]
+    with torch.no_grad():  # two layers with outliers: the weight error is where int8 pays
+        layers[1].weight[:, :4] *= 40
+        layers[4].weight[:8] *= 25
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(32, 256)
+    with torch.no_grad():
+        ref = model(x)
+    q4 = lowbit.quantize(copy.deepcopy(model), bits=4, group_size=64, method=method, progress=False)
+    # int4 g64 costs 4.5 b/w, int8 per row 8.125: 5.2 pays for one int8 layer of six
+    mixed = lowbit.quantize(copy.deepcopy(model), bits=5.2, group_size=64, method=method, progress=False)
+    s = lowbit.summary(mixed)
+    assert s["bits_per_weight"] <= 5.2 + 1e-9
+    bits = [m.config.bits for m in mixed if isinstance(m, QuantLinear)]
+    assert bits.count(8) == 1 and bits[1] == 8  # the layer with input-channel outliers
+    with torch.no_grad():
+        assert float(((mixed(x) - ref) ** 2).mean()) < float(((q4(x) - ref) ** 2).mean())

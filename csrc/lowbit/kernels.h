@@ -35,6 +35,12 @@ bool QuantizeRows(const void* x, DType dtype, size_t rows, size_t k, size_t row_
                   const QuantSpec& spec, bool scales_given, float* scales, uint8_t* zps,
                   uint8_t* packed, size_t packed_stride);
 
+// Error-minimising scales (scale_search.cc) for groups of `group` (divides K) of
+// float32 rows x [rows, K]: writes scales [rows, K / group] and, asymmetric, zero
+// points; QuantizeRows with scales_given then makes the codes.
+void SearchScales(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits, bool symmetric,
+                  int steps, float* scales, uint8_t* zps);
+
 // Inverse of QuantizeRows: out [rows, K] (out_stride elements apart) in dtype.
 void DequantizeRows(const uint8_t* packed, size_t packed_stride, size_t rows, size_t k,
                     const QuantSpec& spec, const float* scales, const uint8_t* zps, void* out,

@@ -53,8 +53,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
       bits: 8, 4, 3 or 2 (3-bit codes are held in int4 tiles: smaller error than
         nothing, same size as int4; 2-bit layers are packed rows run as dequantize +
         float matmul, warned once); a float budget such as 4.5 for automatic mixed
-        precision (needs ``calibration_data``: each layer's output error is measured
-        per format and bits go where they help most per byte); or a dict
+        precision (bits go where they help most per byte: each layer's output error
+        per format is measured on ``calibration_data``, or without data its relative
+        weight error stands in); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
       group_size: scales per this many inputs (None: per row). Where it does not
         divide a layer's inputs, the nearest divisor is used (the largest not above
@@ -63,9 +64,12 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
       activations: None (weight-only, float activations) or 8 (int8 activations,
         integer kernels: W8A8 / W4A8): per token (dynamic), or static per-tensor
         scales calibrated by ``observer`` when ``calibration_data`` is given.
-      method: "rtn" (round to nearest), "gptq" (Hessian-aware error feedback,
-        ``act_order`` optional) or "awq" (activation-aware channel scaling + clip
-        search); the last two need ``calibration_data``.
+      method: "rtn" (round to nearest with the range rule's scales), "mse" (data-free
+        too: per group the scale, and zero point, with the least squared weight error
+        from a search around the range rule's; same format and kernels), "gptq"
+        (Hessian-aware error feedback, ``act_order`` optional) or "awq"
+        (activation-aware channel scaling + clip search); the last two need
+        ``calibration_data``.
       calibration_data: an iterable of batches (tensors, tuples or dicts of model
         inputs); at most ``max_batches`` are used.
       include / exclude: regex, list of regexes, or callable(name, module) -> bool over
@@ -87,7 +91,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     >>> type(m[0]).__name__, type(m[2]).__name__
     ('QuantLinear', 'Linear')
     """
-    from .calibrate.ptq import METHODS, LayerPlan, layer_group, mixed_plan, quantize_calibrated, sensitivities
+    from .calibrate.ptq import DATA_FREE, METHODS, LayerPlan, layer_group, mixed_plan, quantize_calibrated, \
+        sensitivities, weight_sensitivities
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -101,8 +106,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
                          f"plus scales), got {bits}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if (method != "rtn" or mixed) and calibration_data is None:
-        raise ValueError(f"{'bits budget' if mixed else 'method=' + repr(method)} needs calibration_data")
+    if method not in DATA_FREE and calibration_data is None:
+        raise ValueError(f"method={method!r} needs calibration_data")
     static = calibration_data is not None and activations == 8
     QuantConfig(8, group_size, symmetric, activations)  # validates group_size / activations
     targets, skipped = _select(model, include, exclude)
@@ -126,7 +131,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             # per-layer error model underrates how 2-bit errors compound through a
             # model (MiniLM at 4.5 b/w: cosine 0.9896 with int2 layers, 0.9955 without).
             candidates.insert(0, LayerPlan(2, group_size))
-        sens = sensitivities(model, targets, data, candidates, symmetric)
+        if data is None:  # data-free: weight-space error stands in for the output error
+            sens = weight_sensitivities(targets, candidates, symmetric, method)
+        else:
+            sens = sensitivities(model, targets, data, candidates, symmetric)
         plans = mixed_plan(targets, sens, bits)
     else:
         plans = {}
@@ -139,12 +147,12 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         targets = [(n, m) for n, m in targets if n in plans]
     if progress:
         _report_groups(targets, plans, group_size)
-    simple = method == "rtn" and not static and all(p.bits in (2, 4, 8) for p in plans.values())
+    simple = method in DATA_FREE and not static and all(p.bits in (2, 4, 8) for p in plans.values())
     if simple:  # the native quantizer, no calibration pass
         for name, mod in _progress(targets, progress):
             p = plans[name]
             _set_module(model, name, QuantLinear.from_linear(mod, QuantConfig(p.bits, p.group_size, symmetric,
-                                                                                 activations)))
+                                                                                 activations), method=method))
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
                             act_order, progress)

@@ -96,8 +96,12 @@ def _scale_shape(rows: int, k: int, group_size: GroupSize) -> tuple:
     return (rows, k // (k if group_size is None else group_size))
 
 
+SCALE_METHODS = ("rtn", "mse")
+
+
 def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
-                   scale=None, zero_point=None, input_dtype=None, out: Optional[QArray] = None) -> QArray:
+                   scale=None, zero_point=None, input_dtype=None, out: Optional[QArray] = None,
+                   method: str = "rtn", search_steps: int = 9) -> QArray:
     """Quantize a float array along its last axis.
 
     Args:
@@ -114,6 +118,11 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         > 0; zero points integers in [0, 2^bits - 1].
       out: a QArray of the same shape and format whose buffers are overwritten
         and returned (saves allocating, e.g. when re-quantizing in a loop).
+      method: how scales are chosen when none are given: "rtn" (the range rule
+        above) or "mse" (per group, the scale and zero point with the least squared
+        error among 2 * search_steps + 1 candidates around the range rule's and
+        their least-squares refinements; never worse than "rtn" in that error;
+        csrc/lowbit/scale_search.cc). Same format and kernels either way.
 
     NaN in x raises ValueError; +-inf saturates to the end codes.
 
@@ -140,14 +149,35 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
     x2 = rows_view(arr)
     rows = x2.shape[0]
     sshape = _scale_shape(rows, k, group_size)
+    if method not in SCALE_METHODS:
+        raise ValueError(f"method must be one of {SCALE_METHODS}, got {method!r}")
+    if isinstance(search_steps, bool) or not isinstance(search_steps, (int, np.integer)) or not 0 <= search_steps <= 64:
+        raise ValueError(f"search_steps must be an int in [0, 64], got {search_steps!r}")
     given = scale is not None
     if zero_point is not None and not given:
         raise ValueError("zero_point given without scale")
+    if method == "mse" and given:
+        raise ValueError("method='mse' searches the scales: do not pass scale as well")
+    searched = method == "mse" and group_size != "tensor"
     if out is not None:
         _check_out(out, shape, bits, group_size, symmetric)
     if given:
         scales = _given_scales(scale, sshape)
         zps = None if symmetric else _given_zero_points(zero_point, sshape, bits)
+        if out is not None:
+            out.scales[...] = scales.reshape(out.scales.shape)
+            if zps is not None:
+                out.zero_points[...] = zps.reshape(out.zero_points.shape)
+    if searched:
+        group = k if group_size is None else group_size
+        x32 = x2 if dname == "float32" else (x2.astype(np.uint32) << 16).view(np.float32) \
+            if dname == "bfloat16" else x2.astype(np.float32)
+        if not np.all(np.isfinite(x32)) and np.isnan(x32).any():
+            raise ValueError("x contains NaN")
+        found, found_zp = _C.search_scales(x32, bits, group, symmetric, int(search_steps))
+        given = True
+        scales = found.reshape(sshape)
+        zps = None if symmetric else found_zp.reshape(sshape)
         if out is not None:
             out.scales[...] = scales.reshape(out.scales.shape)
             if zps is not None:

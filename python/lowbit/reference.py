@@ -335,3 +335,73 @@ def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
     result = x64 @ w.T
     bound = (k + k // g + 3) * eps * (np.abs(x64) @ np.abs(w).T) * 1.01 + 1e-30
     return result, bound
+
+
+def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """The error-minimising scale search of csrc/lowbit/scale_search.cc, in NumPy
+    (float32 math; sums may differ from the kernels' in the last bits)."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    g = k if group_size is None else group_size
+    groups = x.reshape(-1, k // g, g)
+    groups = np.where(np.isfinite(groups), groups, np.float32(0)).astype(np.float32)
+    lo, hi = group_range(groups)
+    s0, z0 = choose_scale(lo, hi, bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    f32 = np.float32
+    delta = f32(0.1 * (1 << bits) / 16)
+    m = np.where(-lo >= hi, lo, hi).astype(np.float32)
+    live = s0 != 0
+
+    def trial(inv, zp):
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
+        L = np.rint(v).astype(np.float32)
+        return (groups * L).sum(-1, dtype=np.float32), (L * L).sum(-1, dtype=np.float32)
+
+    def error(s, zp):
+        with np.errstate(divide="ignore"):
+            inv = np.where(s == 0, f32(0), f32(1) / np.where(s == 0, f32(1), s)).astype(np.float32)
+        v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
+        d = groups - np.rint(v).astype(np.float32) * s[..., None]
+        return (d * d).sum(-1, dtype=np.float32)
+
+    best_err = np.full(s0.shape, np.inf, np.float32)
+    best_s, best_z = s0.copy(), z0.astype(np.float32)
+    safe_m = np.where(m == 0, f32(1), m)
+    safe_r = np.where(hi - lo == 0, f32(1), (hi - lo).astype(np.float32))
+    for i in range(-steps, steps + 1):
+        if symmetric:
+            inv = (-(f32(1 << (bits - 1)) + f32(i) * delta) / safe_m).astype(np.float32)
+            zp = np.zeros(s0.shape, np.float32)
+        else:
+            inv = ((f32(qmax) + f32(i) * delta) / safe_r).astype(np.float32)
+            zp = np.clip(np.rint(-lo * inv), 0, qmax).astype(np.float32)
+        xl, ll = trial(inv, zp)
+        ok = live & (ll > 0) & (inv != 0)
+        ls = (xl / np.where(ll > 0, ll, 1)).astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
+        d = groups - np.rint(v).astype(np.float32) * ls[..., None]
+        err = np.where(ok, (d * d).sum(-1, dtype=np.float32), np.inf).astype(np.float32)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, ls, best_s).astype(np.float32)
+        best_z = np.where(better, zp, best_z)
+    win_s, win_z = s0.copy(), z0.astype(np.float32)
+    win_err = error(s0, win_z)
+    s = best_s
+    active = live.copy()
+    for _ in range(3):
+        active &= (np.abs(s) >= FLT_MIN) & np.isfinite(s)
+        err = error(np.where(active, s, f32(0)), best_z)
+        better = active & (err < win_err)
+        win_err = np.where(better, err, win_err)
+        win_s = np.where(better, s, win_s)
+        win_z = np.where(better, best_z, win_z)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xl, ll = trial(np.where(active, f32(1) / np.where(active, s, f32(1)), f32(0)).astype(np.float32), best_z)
+        active &= ll > 0
+        s = np.where(active, xl / np.where(ll > 0, ll, 1), s).astype(np.float32)
+    shape = x.shape[:-1] + (k // g,)
+    return win_s.reshape(shape).astype(np.float32), win_z.reshape(shape).astype(np.uint8)

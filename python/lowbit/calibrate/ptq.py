@@ -18,15 +18,17 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import QuantConfig, storage_bits
 from .data import StopForward, forward_all
 from .observers import make_observer
-from .weights import LayerStats, awq, gptq, gptq_factor, rtn
+from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "mse", "gptq", "awq")
+DATA_FREE = ("rtn", "mse")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,27 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
     return {name: {p: v / max(a["ref"], 1e-30) for p, v in a.items() if p != "ref"} for name, a in acc.items()}
 
 
+def weight_sensitivities(targets: list, candidates: list, symmetric: bool, method: str = "rtn") -> dict:
+    """The data-free stand-in for :func:`sensitivities`: name -> {plan: relative
+    weight error ||W - Q||^2 / ||W||^2}, the relative output error if the layer's
+    inputs were white (independent, equal variance). Native quantizer, so a
+    1B-parameter model costs seconds per candidate."""
+    from ..arrays import dequantize_array, quantize_array
+    out = {}
+    for name, mod in targets:
+        w = np.ascontiguousarray(mod.weight.detach().float().cpu().numpy())
+        k = w.shape[1]
+        ref = float(np.square(w, dtype=np.float64).sum())
+        out[name] = {}
+        for c in candidates:
+            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits))
+            q = quantize_array(w, bits=plan.bits, group_size=plan.group_size, symmetric=symmetric or plan.bits == 2,
+                               method=method)
+            d = dequantize_array(q) - w
+            out[name][plan] = float(np.square(d, dtype=np.float64).sum()) / max(ref, 1e-30)
+    return out
+
+
 def mixed_plan(targets: list, sens: dict, budget_bits: float) -> dict:
     """Per-layer plans minimising the summed relative output error with
     sum(weights * bits_per_weight) <= budget * sum(weights): start every layer at
@@ -138,7 +161,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             items = tqdm(targets, desc=f"lowbit.quantize ({method})", unit="layer")
         except ImportError:
             pass
-    needs_data = method != "rtn" or static
+    needs_data = method not in DATA_FREE or static
     stacked = stack_batches(data) if needs_data else None
     if stacked is not None:
         return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
@@ -271,6 +294,8 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
         q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor)
     elif method == "awq":
         q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
+    elif method == "mse":
+        q = mse(w, plan.bits, plan.group_size, symmetric)
     else:
         q = rtn(w, plan.bits, plan.group_size, symmetric)
     storage = storage_bits(plan.bits)

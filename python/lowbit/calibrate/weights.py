@@ -101,6 +101,20 @@ def rtn(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
     return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
 
 
+def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True, steps: int = 9) -> QuantizedWeight:
+    """Data-free error-minimising scales (csrc/lowbit/scale_search.cc), then the codes they give."""
+    from .. import _C
+    w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
+    n, k = w32.shape
+    g = k if group is None else group
+    s, z = _C.search_scales(w32, bits, g, symmetric, steps)  # 3-bit codes: searched on the 3-bit grid
+    scale = torch.from_numpy(s.reshape(n, k // g))
+    zp = None if symmetric else torch.from_numpy(z.reshape(n, k // g).astype(np.float32))
+    wg = _grouped(w.float(), group)
+    codes = quant_codes(wg, scale, zp, bits, symmetric)
+    return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
+
+
 def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optional[int], symmetric: bool,
                 ratios=None) -> torch.Tensor:
     """Per (row, group) range shrink minimising the activation-weighted error

@@ -83,14 +83,16 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features) if has_input_scale else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig()) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig(), method: str = "rtn") -> "QuantLinear":
+        """The layer quantized data-free: method "rtn" (range rule) or "mse"
+        (error-minimising scale search; see lowbit.quantize_array)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
-                                  symmetric=c.symmetric))
+                                  symmetric=c.symmetric, method=method))
         mod._copy_bias(linear.bias)
         return mod
 

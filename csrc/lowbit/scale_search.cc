@@ -104,21 +104,10 @@ HWY_INLINE float TrialError(const float* x, size_t padded, float inv, float s, f
   return hn::GetLane(hn::SumOfLanes(df, hn::Add(e0, e1)));
 }
 
-// Exact squared error of scale s (and zero point zp) as QuantizeRows rounds it.
+// Exact squared error of scale s (and zero point zp) as QuantizeRows rounds it:
+// codes from the reciprocal 1/s, then the same error pass as a trial's.
 HWY_INLINE float Error(const float* x, size_t padded, float s, float zp, float qmin, float qmax) {
-  const DF df;
-  const size_t n = hn::Lanes(df);
-  const float inv = s == 0.0f ? 0.0f : 1.0f / s;
-  const auto vinv = hn::Set(df, inv), vs = hn::Set(df, s);
-  const auto lo = hn::Set(df, qmin - zp), hi = hn::Set(df, qmax - zp);
-  auto e0 = hn::Zero(df);
-  for (size_t i = 0; i < padded; i += n) {
-    const auto v = hn::LoadU(df, x + i);
-    const auto l = hn::Round(hn::Min(hn::Max(hn::Mul(v, vinv), lo), hi));
-    const auto d = hn::NegMulAdd(l, vs, v);  // v - s * l
-    e0 = hn::MulAdd(d, d, e0);
-  }
-  return hn::GetLane(hn::SumOfLanes(df, e0));
+  return TrialError(x, padded, s == 0.0f ? 0.0f : 1.0f / s, s, zp, qmin, qmax);
 }
 
 // One group (already copied to a zero-padded buffer of `padded` floats).

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _C
 from ._dtypes import FLAG_OF, dtype_name, float_input, rows_view
+from .reference import _as_f32
 
 SUPPORTED_BITS = (2, 4, 8)
 GroupSize = Union[None, int, str]
@@ -158,30 +159,24 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         raise ValueError("zero_point given without scale")
     if method == "mse" and given:
         raise ValueError("method='mse' searches the scales: do not pass scale as well")
-    searched = method == "mse" and group_size != "tensor"
     if out is not None:
         _check_out(out, shape, bits, group_size, symmetric)
-    if given:
-        scales = _given_scales(scale, sshape)
-        zps = None if symmetric else _given_zero_points(zero_point, sshape, bits)
-        if out is not None:
-            out.scales[...] = scales.reshape(out.scales.shape)
-            if zps is not None:
-                out.zero_points[...] = zps.reshape(out.zero_points.shape)
-    if searched:
-        group = k if group_size is None else group_size
-        x32 = x2 if dname == "float32" else (x2.astype(np.uint32) << 16).view(np.float32) \
-            if dname == "bfloat16" else x2.astype(np.float32)
-        if not np.all(np.isfinite(x32)) and np.isnan(x32).any():
+    if method == "mse" and group_size != "tensor":  # searched scales take the given-scale path
+        x32 = x2 if dname == "float32" else _as_f32(x2, dname)
+        if np.isnan(x32).any():
             raise ValueError("x contains NaN")
-        found, found_zp = _C.search_scales(x32, bits, group, symmetric, int(search_steps))
+        found, found_zp = _C.search_scales(x32, bits, k if group_size is None else group_size, symmetric,
+                                           int(search_steps))
         given = True
         scales = found.reshape(sshape)
         zps = None if symmetric else found_zp.reshape(sshape)
-        if out is not None:
-            out.scales[...] = scales.reshape(out.scales.shape)
-            if zps is not None:
-                out.zero_points[...] = zps.reshape(out.zero_points.shape)
+    elif given:
+        scales = _given_scales(scale, sshape)
+        zps = None if symmetric else _given_zero_points(zero_point, sshape, bits)
+    if given and out is not None:
+        out.scales[...] = scales.reshape(out.scales.shape)
+        if zps is not None:
+            out.zero_points[...] = zps.reshape(out.zero_points.shape)
     if out is not None:
         scales, zps, packed = out.scales, out.zero_points, out.packed
     elif not given:

@@ -69,6 +69,7 @@ bench: setup
 	$(PIP) matplotlib
 	$(VPY) benchmarks/bench_quantize.py
 	$(VPY) benchmarks/bench_matmul.py
+	$(VPY) benchmarks/bench_contract.py
 	$(VPY) benchmarks/bench_model.py
 	$(VPY) benchmarks/bench_fake_quant.py
 	$(VPY) benchmarks/bench_stream.py --write

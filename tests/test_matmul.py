@@ -115,17 +115,36 @@ def test_bit_identical_across_threads_and_runs(rng):
         lowbit.set_num_threads(old)
 
 
-def test_qarray_input_warns_once(rng):
-    import lowbit.matmul as mm
-    w = rng.standard_normal((16, 32)).astype(np.float32)
-    q = lowbit.quantize_array(w, bits=8)
-    mm._warned_unpacked = False
-    with pytest.warns(UserWarning, match="pack_weights"):
-        a = lowbit.matmul(w[:2], q)
+def test_qarray_input_keeps_its_tiles(rng):
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=4, group_size=32, symmetric=False)
+    assert q.tiles_nbytes == 0
+    expected = lowbit.matmul(x, lowbit.pack_weights(q))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = lowbit.matmul(w[:2], q)
-    np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(lowbit.matmul(x, q), expected)
+    first = q._kept_tiles()
+    assert q.tiles_nbytes == first.nbytes > 0
+    np.testing.assert_array_equal(lowbit.matmul(x, q, act_bits=8), lowbit.matmul(x, first, act_bits=8))
+    assert q._kept_tiles() is first  # built once
+    with pytest.raises(ValueError, match="read-only"):
+        q.packed[0, 0] ^= 1
+    # Rewriting the QArray through out= drops the stale tiles.
+    lowbit.quantize_array(-w, bits=4, group_size=32, symmetric=False, out=q)
+    assert q.tiles_nbytes == 0 and q.packed.flags.writeable
+    np.testing.assert_array_equal(lowbit.matmul(x, q), lowbit.matmul(x, lowbit.pack_weights(q)))
+    np.testing.assert_allclose(lowbit.matmul(x, q), -expected, atol=1e-4)
+    q.drop_tiles()
+    assert q.tiles_nbytes == 0 and q.scales.flags.writeable and q.zero_points.flags.writeable
+
+
+def test_qarray_tiles_leave_borrowed_read_only_arrays_alone(rng):
+    q = lowbit.quantize_array(rng.standard_normal((16, 32)).astype(np.float32), bits=8)
+    q.scales.flags.writeable = False  # e.g. a memory-mapped file
+    lowbit.matmul(np.ones((1, 32), np.float32), q)
+    q.drop_tiles()
+    assert q.packed.flags.writeable and not q.scales.flags.writeable
 
 
 @pytest.mark.parametrize("call,exc,word", [

@@ -24,6 +24,14 @@ class QArray:
     for the R = prod(shape[:-1]) rows of K = shape[-1] elements; ``scales`` is
     float32 [R, K // group] (per group), [R, 1] (per row) or [1] (per tensor);
     ``zero_points`` is uint8 of the same shape for asymmetric arrays, else None.
+
+    The first ``lowbit.matmul(x, q)`` builds the matmul kernels' tiled copy of the
+    codes (``lowbit.pack_weights``) and keeps it with the array, so later calls
+    cost the same as passing PackedWeights. The copy is about as large as the
+    codes and scales again; ``tiles_nbytes`` reports it (``nbytes`` stays the
+    quantized storage) and ``drop_tiles()`` frees it. While it is kept, the
+    arrays are read-only, so an edit cannot leave the two copies disagreeing;
+    ``quantize_array(..., out=q)`` drops the copy and rewrites the arrays.
     """
 
     packed: np.ndarray
@@ -50,6 +58,31 @@ class QArray:
     def bits_per_weight(self) -> float:
         """Storage cost per element, scales (float32) and zero points included."""
         return 8.0 * self.nbytes / self.size
+
+    @property
+    def tiles_nbytes(self) -> int:
+        """Bytes of the matmul tiles kept since the first ``lowbit.matmul`` (0 if none)."""
+        tiles = self._kept_tiles()
+        return 0 if tiles is None else tiles.nbytes
+
+    def drop_tiles(self) -> None:
+        """Free the kept matmul tiles and make the arrays writable again."""
+        self.__dict__.pop("_tiles", None)
+        for a in self.__dict__.pop("_locked", ()):
+            a.flags.writeable = True
+
+    def _keep_tiles(self, tiles) -> None:
+        # Read-only while the tiled copy lives: a write through q.packed would
+        # otherwise be silently ignored by every later matmul.
+        arrays = (self.packed, self.scales) + (() if self.zero_points is None else (self.zero_points,))
+        locked = [a for a in arrays if a.flags.writeable]
+        for a in locked:
+            a.flags.writeable = False
+        object.__setattr__(self, "_tiles", tiles)
+        object.__setattr__(self, "_locked", locked)
+
+    def _kept_tiles(self):
+        return self.__dict__.get("_tiles")
 
     def codes(self) -> np.ndarray:
         """The integer codes, unpacked, shaped like the original array
@@ -198,6 +231,7 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
 def _check_out(out, shape, bits, group_size, symmetric) -> None:
     if not isinstance(out, QArray):
         raise TypeError(f"out must be a QArray, got {type(out).__name__}")
+    out.drop_tiles()  # its codes are about to change
     if (tuple(out.shape), out.bits, out.group_size, out.symmetric) != (shape, bits, group_size, symmetric):
         raise ValueError(f"out must have shape {shape}, bits={bits}, group_size={group_size!r}, "
                          f"symmetric={symmetric}; got {out!r}")

@@ -10,7 +10,6 @@ the tiled layout; it is the same on every SIMD target).
 from __future__ import annotations
 
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -101,9 +100,6 @@ def pack_weights(q: QArray) -> PackedWeights:
     return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric)
 
 
-_warned_unpacked = False
-
-
 def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,
            input_dtype=None, act_scale: Optional[float] = None) -> np.ndarray:
     """``x @ dequant(w).T`` (+ ``bias``) as float32.
@@ -112,7 +108,8 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
       x: activations [M, K] (or [K]) in float32, float16 or bfloat16 (bfloat16 as
         an ml_dtypes array or a uint16 view with ``input_dtype="bfloat16"``).
       w: weights [N, K]: a :class:`PackedWeights` from :func:`pack_weights`, or a
-        QArray (packed on every call, with a one-time warning: pack once instead).
+        2-D int8/int4 QArray (tiled on the first call and the tiles kept with it:
+        see ``QArray.tiles_nbytes``).
       act_bits: None for float activations (weight-only), or 8 to quantize each row
         of x to int8 (amax / 127) and use integer dot products.
       bias: optional float32 [N], added in the kernels' final store (same rounding
@@ -130,13 +127,11 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     >>> y.shape, bool(np.abs(y - x @ w.T).max() < 0.05 * np.abs(x @ w.T).max())
     ((2, 64), True)
     """
-    global _warned_unpacked
     if isinstance(w, QArray):
-        if not _warned_unpacked:
-            warnings.warn("lowbit.matmul got a QArray and packs it on every call; "
-                          "call lowbit.pack_weights(q) once and pass the result", stacklevel=2)
-            _warned_unpacked = True
-        w = pack_weights(w)
+        q, w = w, w._kept_tiles()
+        if w is None:
+            w = pack_weights(q)
+            q._keep_tiles(w)
     if not isinstance(w, PackedWeights):
         raise TypeError(f"w must be PackedWeights (lowbit.pack_weights) or a QArray, got {type(w).__name__}")
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, numbers.Integral)):

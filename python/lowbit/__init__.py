@@ -12,7 +12,7 @@ from .io import FormatError, read_info
 from .matmul import PackedWeights, matmul, pack_weights
 from .runtime import cpu_target, get_num_threads, set_num_threads
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # The PyTorch layer loads on first use, so NumPy-only users never import torch.
 _TORCH_API = {

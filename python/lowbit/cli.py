@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from . import arrays, runtime
+from ._version import __version__
 
 # (label, bits, group_size, symmetric)
 DEMO_FORMATS = [
@@ -268,6 +269,7 @@ def _passive_openmp() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     i = sub.add_parser("info", help="print the SIMD target and threads, or the tensor table of a lowbit FILE")
     i.add_argument("file", nargs="?", help="a file written by lowbit.save / lowbit quantize")

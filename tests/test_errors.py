@@ -133,3 +133,73 @@ def test_random_input_gives_result_or_clean_error(x, bits, group, sym):
     deq = lowbit.dequantize_array(q)
     assert deq.shape == x.shape
     np.testing.assert_array_equal(deq, ref.dequantize(packed, x.shape, bits, group, sym, scales, zps))
+
+
+# ---- what the fuzzer (tests/fuzz_numpy_api.py) found, pinned down one by one
+
+@pytest.mark.parametrize("call", [
+    lambda x: lowbit.encode_float(x, "float16"),
+    lambda x: lowbit.encode_float(x, "e4m3"),
+    lambda x: lowbit.decode_float(lowbit.encode_float(x, "bfloat16"), "bfloat16"),
+    lambda x: lowbit.fake_quantize_array(x, 0.1, 0, -8, 7),
+    lambda x: lowbit.fake_quantize_array(x, 0.1, 0, -8, 7, return_mask=True)[1],
+    lambda x: lowbit.fake_quantize_backward_array(x, np.ones_like(x), 0.1, 0, -8, 7),
+], ids=["f16", "e4m3", "bf16", "fake", "mask", "backward"])
+def test_zero_d_input_keeps_its_shape(call):
+    x = np.array(0.37, np.float32)
+    y = call(x)
+    assert y.shape == ()
+    vector = call(x.reshape(1))
+    assert vector.shape == (1,) and y.item() == vector.item()
+
+
+@pytest.mark.parametrize("qmin,qmax,word", [(-(1 << 31) - 1, 0, "quant_min"), (0, 1 << 31, "quant_max"),
+                                             (0, 1 << 63, "quant_max")])
+def test_fake_quant_range_outside_int32_is_a_short_error(qmin, qmax, word):
+    for fn in (lambda: lowbit.fake_quantize_array(X, 0.1, 0, qmin, qmax),
+               lambda: lowbit.fake_quantize_backward_array(X, X, 0.1, 0, qmin, qmax)):
+        with pytest.raises(ValueError, match=word) as e:
+            fn()
+        assert len(str(e.value)) < 200
+
+
+def test_fake_quant_zero_point_outside_int32_is_refused_not_wrapped():
+    with pytest.raises(ValueError, match="zero_point"):
+        lowbit.fake_quantize_array(X, 0.1, 1 << 32, -8, 7)  # astype(int32) would make it 0
+
+
+def test_asymmetric_grid_beyond_float32_is_refused():
+    x = np.array([[3.3e38, -3.3e38, 1.0, 2.0]], np.float32)
+    with pytest.raises(ValueError, match="symmetric=True"):
+        lowbit.quantize_array(x, bits=4, symmetric=False)
+    q = lowbit.quantize_array(x, bits=4)  # the symmetric grid stays inside float32
+    assert np.all(np.isfinite(q.dequantize()))
+    with pytest.raises(ValueError, match="scale"):
+        lowbit.quantize_array(x, bits=8, scale=3e38)
+
+
+@pytest.mark.parametrize("field,value,exc", [
+    ("packed", np.zeros((2, 3), np.uint8), ValueError), ("packed", None, TypeError),
+    ("scales", np.ones((2, 1), np.float64), TypeError), ("scales", np.ones((2, 2), np.float32), ValueError),
+    ("zero_points", np.zeros((2, 1), np.uint8), ValueError), ("shape", [2, 32], TypeError),
+    ("shape", (2, 33), ValueError), ("bits", 3, ValueError), ("group_size", 5, ValueError),
+    ("symmetric", "yes", TypeError), ("dtype", "float64", ValueError),
+])
+def test_hand_built_qarray_names_the_bad_field(field, value, exc):
+    import dataclasses
+    q = lowbit.quantize_array(X, bits=4)
+    with pytest.raises(exc, match=field):
+        dataclasses.replace(q, **{field: value})
+
+
+@pytest.mark.parametrize("field,value,exc", [
+    ("data", np.zeros(3, np.uint8), ValueError), ("scales", np.ones((1, 1, 16), np.float64), TypeError),
+    ("offsets", np.zeros((1, 1, 16), np.int32), ValueError), ("shape", (2, 64), ValueError),
+    ("shape", (2,), TypeError), ("bits", 2, ValueError), ("group_size", 12, ValueError),
+    ("symmetric", 1, TypeError),
+])
+def test_hand_built_packed_weights_name_the_bad_field(field, value, exc):
+    import dataclasses
+    pw = lowbit.pack_weights(lowbit.quantize_array(X, bits=4))
+    with pytest.raises(exc, match=field):
+        dataclasses.replace(pw, **{field: value})

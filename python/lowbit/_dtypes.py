@@ -50,6 +50,11 @@ def float_input(x, name: str = "x", input_dtype=None) -> tuple[np.ndarray, str]:
                     f"(bfloat16 as a uint16 view with input_dtype='bfloat16'), got {x.dtype}")
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, same shape: np.ascontiguousarray turns 0-d arrays into 1-d."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(a.shape)
+
+
 def rows_view(x: np.ndarray) -> np.ndarray:
     """[..., K] -> [R, K] without copying when the last axis is contiguous."""
     if x.ndim == 1:

@@ -43,6 +43,32 @@ class QArray:
     symmetric: bool
     dtype: str = "float32"  # the float dtype that was quantized
 
+    def __post_init__(self):
+        # Hand-built QArrays reach the kernels too: a field of the wrong kind or
+        # size must fail here, naming it, not deep inside a binding.
+        shape = self.shape
+        if type(shape) is not tuple or not shape or not all(_is_size(d) and d >= 0 for d in shape):
+            raise TypeError(f"QArray.shape must be a non-empty tuple of sizes, got {shape!r}")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QArray.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if type(self.symmetric) is not bool and not isinstance(self.symmetric, np.bool_):
+            raise TypeError(f"QArray.symmetric must be a bool, got {self.symmetric!r}")
+        k = int(shape[-1])
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        group = self.group_size
+        if not (group is None or group == "tensor" or (_is_size(group) and group > 0 and k % group == 0)):
+            raise ValueError(f"QArray.group_size must be None, 'tensor' or a positive divisor of K={k}, got {group!r}")
+        _field(self.packed, "packed", U8, (rows, (k * self.bits + 7) // 8))
+        sshape = (1,) if group == "tensor" else (rows, 1 if group is None or k == 0 else k // group)
+        _field(self.scales, "scales", F32, sshape)
+        if self.symmetric:
+            if self.zero_points is not None:
+                raise ValueError("QArray.zero_points must be None when symmetric")
+        else:
+            _field(self.zero_points, "zero_points", U8, sshape)
+        if self.dtype not in FLAG_OF:
+            raise ValueError(f"QArray.dtype must be one of {tuple(FLAG_OF)}, got {self.dtype!r}")
+
     @property
     def size(self) -> int:
         """Number of quantized elements."""
@@ -101,6 +127,23 @@ class QArray:
         kind = "sym" if self.symmetric else "asym"
         return (f"QArray(shape={self.shape}, int{self.bits} {kind}, {g}, "
                 f"{self.bits_per_weight:.3f} bits/weight, {self.nbytes} bytes)")
+
+
+def _field(a, name: str, dtype: np.dtype, shape) -> None:
+    # Identity first: the dtype objects of native arrays are singletons (~0.1 us
+    # against ~0.5 us for ==, and the torch ops build these per call).
+    if not isinstance(a, np.ndarray) or (a.dtype is not dtype and a.dtype != dtype):
+        raise TypeError(f"{name} must be a {dtype.name} NumPy array, got "
+                        f"{getattr(a, 'dtype', type(a).__name__)}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
+def _is_size(d) -> bool:
+    return type(d) is int or (isinstance(d, numbers.Integral) and not isinstance(d, bool))
+
+
+U8, I32, F32 = np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
 
 
 def _check_bits(bits) -> int:
@@ -222,10 +265,31 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
                           scales.reshape(-1), None if zps is None else zps.reshape(-1), packed)
     if not ok:
         raise ValueError("x contains NaN")
+    _check_grid_finite(scales, zps, bits, symmetric, given)
     if out is not None:
         object.__setattr__(out, "dtype", dname)
         return out
     return QArray(packed, scales, zps, shape, bits, group_size, symmetric, dname)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_grid_finite(scales, zps, bits, symmetric, given) -> None:
+    """Every code must dequantize to a finite float32. Only inputs near +-3.4e38
+    (or a given scale that large) break this: an asymmetric grid's integer zero
+    point shifts one end past float32's range. O(groups), cheap next to quantizing."""
+    s = scales.astype(np.float64)
+    if symmetric:
+        extent = s * (1 << (bits - 1))
+    else:
+        z = zps.astype(np.float64)
+        extent = s * np.maximum(z, (1 << bits) - 1 - z)
+    if extent.size and extent.max() > FLOAT32_MAX:
+        what = "scale" if given else "x"
+        raise ValueError(f"{what}: the int{bits} grid would reach {extent.max():.3g}, beyond float32's "
+                         f"{FLOAT32_MAX:.3g}; values this close to float32's limit need "
+                         + ("a smaller scale" if given else "symmetric=True"))
 
 
 def _check_out(out, shape, bits, group_size, symmetric) -> None:

@@ -12,6 +12,9 @@ import numbers
 import numpy as np
 
 from . import _C
+from ._dtypes import contiguous
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def _layout(x: np.ndarray, scale, zero_point, axis, group_size):
@@ -20,6 +23,8 @@ def _layout(x: np.ndarray, scale, zero_point, axis, group_size):
     z = np.atleast_1d(np.asarray(zero_point))
     if z.dtype.kind not in "iu" and not (z.dtype.kind == "f" and np.all(z == np.round(z))):
         raise TypeError("zero_point must hold integers")
+    if z.size and (z.min() < INT32_MIN or z.max() > INT32_MAX):
+        raise ValueError(f"zero_point must lie in the int32 range, got values in [{z.min()}, {z.max()}]")
     z = z.astype(np.int32).reshape(-1)
     if axis is not None and group_size is not None:
         raise ValueError("give axis or group_size, not both")
@@ -57,9 +62,11 @@ def _check(x, quant_min, quant_max):
     for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {v!r}")
+        if not INT32_MIN <= v <= INT32_MAX:  # the kernels' codes are int32
+            raise ValueError(f"{name} must lie in the int32 range [{INT32_MIN}, {INT32_MAX}], got {v}")
     if quant_min > quant_max:
         raise ValueError(f"quant_min ({quant_min}) must be <= quant_max ({quant_max})")
-    return np.ascontiguousarray(x)
+    return contiguous(x)
 
 
 def fake_quantize_array(x, scale, zero_point, quant_min: int, quant_max: int, axis=None,
@@ -98,6 +105,6 @@ def fake_quantize_backward_array(x, grad, scale, zero_point, quant_min: int, qua
     ds = np.zeros(channels, np.float64) if lsq else None
     dz = np.zeros(channels, np.float64) if lsq else None
     if x.size:
-        _C.fake_quant_backward(x, np.ascontiguousarray(grad), outer, channels, inner, s, z,
+        _C.fake_quant_backward(x, contiguous(grad), outer, channels, inner, s, z,
                                int(quant_min), int(quant_max), dx, ds, dz)
     return (dx, ds, dz) if lsq else dx

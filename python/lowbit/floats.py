@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
-from ._dtypes import float_input
+from ._dtypes import contiguous, float_input
 
 FORMATS = ("float16", "bfloat16", "e4m3", "e5m2")
 _FP8_KIND = {"e4m3": 0, "e5m2": 1}
@@ -42,7 +42,7 @@ def encode_float(x, fmt: str, saturate: bool = True) -> np.ndarray:
     arr, dname = float_input(x, "x")
     if dname != "float32":
         raise TypeError(f"x must be float32, got {dname}")
-    src = np.ascontiguousarray(arr)
+    src = contiguous(arr)
     if fmt == "float16":
         out = np.empty(src.shape, np.float16)
         _C.f32_to_f16(src, out)
@@ -71,7 +71,7 @@ def decode_float(codes, fmt: str) -> np.ndarray:
         c = c.view(np.uint16)
     if c.dtype != want:
         raise TypeError(f"codes for {fmt} must have dtype {np.dtype(want).name}, got {codes.dtype}")
-    c = np.ascontiguousarray(c)
+    c = contiguous(c)
     out = np.empty(c.shape, np.float32)
     if fmt == "float16":
         _C.f16_to_f32(c, out)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _C
 from ._dtypes import float_input
-from .arrays import QArray
+from .arrays import F32, I32, U8, QArray, _field, _is_size
 from .floats import decode_float
 
 TILE_ROWS = 16
@@ -35,6 +35,42 @@ class PackedWeights:
     bits: int
     group_size: Optional[int]  # None: per row
     symmetric: bool
+
+    def __post_init__(self):
+        # Cheap (~1 us; the torch ops build one per call) but complete: a
+        # hand-built PackedWeights must not send a short buffer to the kernels.
+        shape = self.shape
+        if not (type(shape) is tuple and len(shape) == 2 and _is_size(shape[0]) and _is_size(shape[1])
+                and shape[0] > 0 and shape[1] > 0):
+            raise TypeError(f"PackedWeights.shape must be (N, K) with N, K > 0, got {shape!r}")
+        if isinstance(self.bits, bool) or self.bits not in KSTEP:
+            raise ValueError(f"PackedWeights.bits must be 8 or 4, got {self.bits!r}")
+        if type(self.symmetric) is not bool and not isinstance(self.symmetric, np.bool_):
+            raise TypeError(f"PackedWeights.symmetric must be a bool, got {self.symmetric!r}")
+        n, k = shape
+        g = self.group_size
+        step = KSTEP[self.bits]
+        if g is not None and not (_is_size(g) and g > 0 and k % g == 0 and g % step == 0):
+            raise ValueError(f"PackedWeights.group_size must be None or a divisor of K={k} that is a "
+                             f"multiple of {step}, got {g!r}")
+        tiles = -(-n // TILE_ROWS)
+        kp = -(-k // step) * step
+        _field(self.data, "data", U8, (tiles * (kp // step) * 64,))
+        groups = (tiles, 1 if g is None else k // g, TILE_ROWS)
+        _field(self.scales, "scales", F32, groups)
+        if self.symmetric != (self.offsets is None):
+            raise ValueError("PackedWeights.offsets must be None exactly when symmetric")
+        if self.offsets is not None:
+            _field(self.offsets, "offsets", I32, groups)
+
+    @classmethod
+    def _unchecked(cls, data, scales, offsets, shape, bits, group_size, symmetric) -> "PackedWeights":
+        """For the torch ops' per-call wrapping of a layer's own buffers (checked when
+        they were stored; the bindings check sizes again): skips __post_init__'s ~2 us."""
+        obj = object.__new__(cls)
+        obj.__dict__.update(data=data, scales=scales, offsets=offsets, shape=shape, bits=bits,
+                            group_size=group_size, symmetric=symmetric)
+        return obj
 
     @property
     def nbytes(self) -> int:

@@ -46,8 +46,8 @@ def _group(group_size: int, k: int):
 
 def _packed(data, scales, offsets, n, k, bits, group_size) -> PackedWeights:
     g = _group(group_size, k)
-    return PackedWeights(_np(data), _np(scales), None if offsets is None else _np(offsets), (n, k), bits, g,
-                         offsets is None)
+    return PackedWeights._unchecked(_np(data), _np(scales), None if offsets is None else _np(offsets), (n, k),
+                                    bits, g, offsets is None)
 
 
 # ---------------------------------------------------------------- quantize / dequantize

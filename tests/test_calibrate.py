@@ -101,6 +101,31 @@ def test_calibrate_accepts_dicts_tuples_and_bounds_batches():
         lowbit.calibrate(m, data, max_batches=0)
 
 
+def test_tokenizer_batch_encodings_are_batches():
+    # What a tokenizer returns is a Mapping (UserDict), not a dict: a README user's first try.
+    from collections import UserDict
+    m = DictModel()
+    data = [UserDict({"input_ids": torch.full((2, 16), float(i))}) for i in range(4)]
+    cal = lowbit.calibrate(m, data, progress=False)
+    assert cal.observers["a"].count == 4 and float(cal.observers["a"].range()[1]) == 3.0
+    single = lowbit.calibrate(m, UserDict({"input_ids": torch.ones(2, 16)}), progress=False)
+    assert single.observers["a"].count == 1
+    big = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+
+    class Keywords(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = big
+
+        def forward(self, input_ids):
+            return self.net(input_ids)
+    model = Keywords()
+    stacked = [UserDict({"input_ids": torch.randn(4, 64, generator=torch.Generator().manual_seed(i))})
+               for i in range(3)]
+    lowbit.quantize(model, bits=4, group_size=32, method="gptq", calibration_data=stacked, progress=False)
+    assert isinstance(big[0], lowbit.nn.QuantLinear) and isinstance(big[2], lowbit.nn.QuantLinear)
+
+
 # ---------------------------------------------------------------- weight algorithms
 def correlated(n_rows, k, seed, dist_seed=12345):
     """Rows from one fixed correlated distribution (dist_seed); seed picks the rows."""

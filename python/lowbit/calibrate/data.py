@@ -3,6 +3,7 @@ arguments) or dicts (keyword arguments, the transformers style)."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import torch
@@ -31,11 +32,13 @@ def batches(data, max_batches: Optional[int]) -> list:
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if isinstance(data, (torch.Tensor, dict)):
+    if isinstance(data, (torch.Tensor, Mapping)):
         data = [data]
     if not isinstance(data, Iterable):
         raise TypeError(f"calibration_data must be an iterable of batches, got {type(data).__name__}")
-    out = list(itertools.islice(data, max_batches))
+    # A tokenizer's BatchEncoding is a Mapping, not a dict: plain dicts from here on.
+    out = [dict(b) if isinstance(b, Mapping) and not isinstance(b, dict) else b
+           for b in itertools.islice(data, max_batches)]
     if not out:
         raise ValueError("calibration_data yielded no batches")
     return out

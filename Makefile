@@ -82,7 +82,8 @@ test-asan: $(VENV)/.deps
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(abspath build-asan/pkg) \
 	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests)/test_kernels.py \
 	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py \
-  $(abspath tests)/test_matmul.py $(abspath tests)/test_scale_search.py $(abspath tests)/test_fuzz.py
+  $(abspath tests)/test_matmul.py $(abspath tests)/test_scale_search.py $(abspath tests)/test_fuzz.py \
+  $(abspath tests)/test_gptq_kernel.py
 
 bench: setup
 	$(PIP) matplotlib

@@ -22,7 +22,7 @@ namespace {
 [[noreturn]] void Fail(const std::string& msg) { throw py::value_error(msg); }
 
 // Element kinds a buffer may hold.
-enum class Kind { kF32, kF16, kU16, kU8, kI32 };
+enum class Kind { kF32, kF16, kU16, kU8, kI32, kF64 };
 
 bool HasKind(const py::array& a, Kind kind) {
   const py::dtype dt = a.dtype();
@@ -32,6 +32,7 @@ bool HasKind(const py::array& a, Kind kind) {
     case Kind::kU16: return dt.is(py::dtype::of<uint16_t>());
     case Kind::kU8: return dt.is(py::dtype::of<uint8_t>());
     case Kind::kI32: return dt.is(py::dtype::of<int32_t>());
+    case Kind::kF64: return dt.is(py::dtype::of<double>());
   }
   return false;
 }
@@ -43,6 +44,7 @@ const char* KindName(Kind kind) {
     case Kind::kU16: return "uint16";
     case Kind::kU8: return "uint8";
     case Kind::kI32: return "int32";
+    case Kind::kF64: return "float64";
   }
   return "?";
 }
@@ -154,6 +156,44 @@ py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric,
     lowbit::SearchScales(px, rows, k, stride, group, bits, symmetric, steps, s, z);
   }
   return py::make_tuple(scales, symmetric ? py::object(py::none()) : py::object(zps));
+}
+
+// GPTQ's column loop on one block (gptq.cc): every array C-contiguous and sized
+// from wt [B, R]; the group indices are checked against the scales' rows.
+void GptqColumns(py::array wt, const py::array& hinv, long c0, long c1, const py::array& scales,
+                 const py::object& zps_obj, const py::array& groups, int qmin, int qmax, py::array codes,
+                 py::array err) {
+  CheckKind(wt, "wt", Kind::kF64);
+  if (wt.ndim() != 2 || !(wt.flags() & py::array::c_style) || !wt.writeable())
+    Fail("wt must be a writable C-contiguous 2-D float64 array [B, R]");
+  const size_t b = wt.shape(0), rows = wt.shape(1);
+  if (b == 0 || rows == 0) Fail("wt must not be empty");
+  CheckFlat(hinv, "hinv", Kind::kF64, b * b, false);
+  if (c0 < 0 || c1 < c0 || static_cast<size_t>(c1) > b) Fail("columns must satisfy 0 <= c0 <= c1 <= B");
+  CheckKind(scales, "scales", Kind::kF32);
+  if (scales.ndim() != 2 || static_cast<size_t>(scales.shape(1)) != rows || !(scales.flags() & py::array::c_style))
+    Fail("scales must be C-contiguous float32 [G, R]");
+  const size_t ngroups = scales.shape(0);
+  const float* zps = nullptr;
+  if (!zps_obj.is_none()) {
+    const py::array zp = zps_obj.cast<py::array>();
+    CheckFlat(zp, "zps", Kind::kF32, ngroups * rows, false);
+    zps = static_cast<const float*>(zp.data());
+  }
+  CheckFlat(groups, "groups", Kind::kI32, b, false);
+  const int32_t* g = static_cast<const int32_t*>(groups.data());
+  for (size_t c = static_cast<size_t>(c0); c < static_cast<size_t>(c1); ++c)
+    if (g[c] < 0 || static_cast<size_t>(g[c]) >= ngroups) Fail("groups must index the rows of scales");
+  if (qmin > qmax) Fail("qmin must be <= qmax");
+  CheckFlat(codes, "codes", Kind::kI32, b * rows, true);
+  CheckFlat(err, "err", Kind::kF64, b * rows, true);
+  double* w = static_cast<double*>(wt.mutable_data());
+  const double* h = static_cast<const double*>(hinv.data());
+  const float* s = static_cast<const float*>(scales.data());
+  int32_t* q = static_cast<int32_t*>(codes.mutable_data());
+  double* e = static_cast<double*>(err.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::GptqColumns(w, rows, b, h, c0, c1, s, zps, g, qmin, qmax, q, e);
 }
 
 void DequantizeRows(const py::array& packed, size_t k, int bits, long group, bool symmetric,
@@ -464,6 +504,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("given"),
         py::arg("scales").noconvert(), py::arg("zero_points").none(true), py::arg("packed").noconvert(),
         "Quantize rows of x into packed codes; returns False if x held NaN.");
+  m.def("gptq_columns", &GptqColumns, py::arg("wt"), py::arg("hinv"), py::arg("c0"), py::arg("c1"),
+        py::arg("scales"), py::arg("zps").none(true), py::arg("groups"), py::arg("qmin"), py::arg("qmax"),
+        py::arg("codes").noconvert(), py::arg("err").noconvert(),
+        "GPTQ's column loop on one block (columns c0..c1): codes, scaled errors, later columns updated.");
   m.def("search_scales", &SearchScales, py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("symmetric"),
         py::arg("steps"), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");
   m.def("dequantize_rows", &DequantizeRows, py::arg("packed"), py::arg("k"), py::arg("bits"),

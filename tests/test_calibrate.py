@@ -305,3 +305,22 @@ def test_digits_ptq_accuracy(digits_model):
     # slightly different model and 3-bit GPTQ lands one image below RTN.
     assert max(table[(3, "gptq")], table[(3, "awq")]) >= table[(3, "rtn")] - 0.5
     assert max(table[(2, "gptq")], table[(2, "awq")]) > table[(2, "rtn")] + 1
+
+
+@pytest.mark.parametrize("group,act_order,sym", [(64, False, True), (64, True, False), (None, False, True),
+                                                 (32, False, False)])
+def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, group, act_order, sym):
+    from lowbit import reference
+    from lowbit.calibrate import weights
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * torch.exp(torch.randn(1, 128) * 0.5)
+    x = torch.randn(512, 128) @ (torch.eye(128) + 0.3 * torch.randn(128, 128) / 128 ** 0.5)
+    stats = LayerStats(128)
+    stats.add(x)
+    native = gptq(w, stats.hessian, 4, group, sym, act_order=act_order)
+    monkeypatch.setattr(weights, "_columns", reference.gptq_columns)
+    spec = gptq(w, stats.hessian, 4, group, sym, act_order=act_order)
+    assert torch.equal(native.codes, spec.codes) and torch.equal(native.scales, spec.scales)
+    assert (native.zero_points is None) == sym
+    if not sym:
+        assert torch.equal(native.zero_points, spec.zero_points)

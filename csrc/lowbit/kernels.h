@@ -41,6 +41,12 @@ bool QuantizeRows(const void* x, DType dtype, size_t rows, size_t k, size_t row_
 void SearchScales(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits, bool symmetric,
                   int steps, float* scales, uint8_t* zps);
 
+// GPTQ's column loop for columns [c0, c1) of one block of B columns (gptq.cc
+// documents the arrays and the arithmetic): quantizes each column with its
+// group's scale, writes codes and scaled errors, and updates the later columns.
+void GptqColumns(double* wt, size_t rows, size_t b, const double* hinv, size_t c0, size_t c1, const float* scales,
+                 const float* zps, const int32_t* groups, int qmin, int qmax, int32_t* codes, double* err);
+
 // Inverse of QuantizeRows: out [rows, K] (out_stride elements apart) in dtype.
 void DequantizeRows(const uint8_t* packed, size_t packed_stride, size_t rows, size_t k,
                     const QuantSpec& spec, const float* scales, const uint8_t* zps, void* out,

@@ -405,3 +405,21 @@ def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9) -> 
         s = np.where(active, xl / np.where(ll > 0, ll, 1), s).astype(np.float32)
     shape = x.shape[:-1] + (k // g,)
     return win_s.reshape(shape).astype(np.float32), win_z.reshape(shape).astype(np.uint8)
+
+
+def gptq_columns(wt, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err) -> None:
+    """GPTQ's column loop on one block, in place (the spec of ``_C.gptq_columns``,
+    csrc/lowbit/gptq.cc): wt float64 [B, R] (the block's columns as rows), hinv
+    float64 [B, B] (upper factor of the inverse Hessian), scales / zps float32
+    [G, R] (zps None when symmetric), groups int32 [B]; writes codes int32 [B, R]
+    and err float64 [B, R] for columns c0..c1 and updates the later columns."""
+    for c in range(c0, c1):
+        s32 = scales[groups[c]]
+        z32 = np.zeros_like(s32) if zps is None else zps[groups[c]]
+        inv32 = np.where(s32 == 0, np.float32(0), np.float32(1) / np.where(s32 == 0, np.float32(1), s32))
+        lo32, hi32 = (np.float32(qmin) - z32).astype(np.float32), (np.float32(qmax) - z32).astype(np.float32)
+        q = np.rint(np.clip(wt[c].astype(np.float32) * inv32, lo32, hi32)) + z32
+        codes[c] = q.astype(np.int32)
+        e = (wt[c] - (q.astype(np.float64) - z32.astype(np.float64)) * s32.astype(np.float64)) / hinv[c, c]
+        err[c] = e
+        wt[c + 1:] -= hinv[c, c + 1:, None] * e[None, :]

@@ -233,8 +233,8 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     """Quantize every target during a single forward pass over ``batch``."""
     from ..api import _set_module as replace_module
     from ..nn.fused import tensor_version
-    from .data import run_batch
-    done, hooks = {}, []
+    from .data import StopForward, run_batch
+    done, hooks, swapped = {}, [], {}
     shared = {}  # layers fed the very same tensor (q/k/v, gate/up) share one LayerStats
     bar = items if hasattr(items, "update") else None
 
@@ -256,12 +256,26 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
                 obs(x)
         new = _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations, static, observer,
                               act_order)
-        done[name] = (new, None if activations == 8 else new.dequantized_weight().to(mod.weight.dtype))
+        w = None if activations == 8 else new.dequantized_weight().to(mod.weight.dtype)
+        done[name] = (new, w)
         replace_module(model, name, new)
+        if w is not None and type(mod) is nn.Linear:
+            # This very call computes the quantized output: the old module's own
+            # weight entry points at the dequantized weights until post_hook (a
+            # shared/tied Parameter is not touched), so the layer runs once, not twice.
+            swapped[name] = mod._parameters["weight"]
+            mod._parameters["weight"] = nn.Parameter(w, requires_grad=False)
         if bar is not None:
             bar.update(1)
 
     def post_hook(mod, args, output, name):
+        ran_quantized = name in swapped
+        if ran_quantized:
+            mod._parameters["weight"] = swapped.pop(name)
+        if len(done) == len(targets):
+            raise StopForward  # the rest (e.g. a vocabulary head, 20% of SmolLM2) feeds no target
+        if ran_quantized:
+            return None  # this output already came from the quantized weights
         new, w = done[name]
         # The next layers must see this layer's quantized output. Weight-only: the
         # same weights through torch's float GEMM (faster than lowbit's weight-only
@@ -274,9 +288,13 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     try:
         with torch.no_grad():
             run_batch(model, batch)
+    except StopForward:
+        pass
     finally:
         for h in hooks:
             h.remove()
+        for name, weight in swapped.items():  # a forward that stopped midway
+            dict(targets)[name]._parameters["weight"] = weight
         shared.clear()
         if bar is not None and hasattr(bar, "close"):
             bar.close()

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import _C
+
 FLT_MIN = torch.finfo(torch.float32).tiny
 
 
@@ -147,8 +149,19 @@ def gptq_factor(h: torch.Tensor, act_order: bool = False, damp: float = 0.01) ->
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    return dead, perm, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    # The upper factor U of H^-1 (H^-1 = U^T U) without forming H^-1: with J the
+    # reversal and J H J = M M^T (lower Cholesky), U = J M^-1 J. One Cholesky and
+    # one triangular solve instead of Cholesky, inverse, Cholesky: 3.5x faster
+    # at K = 1536 (0.54 s vs 1.9 s), equal to 1e-15 relative.
+    rev = torch.arange(k - 1, -1, -1)
+    M = torch.linalg.cholesky(H[rev][:, rev])
+    Minv = torch.linalg.solve_triangular(M, torch.eye(k, dtype=H.dtype), upper=False)
+    return dead, perm, Minv[rev][:, rev].contiguous()
+
+
+# GPTQ's column loop; tests swap in reference.gptq_columns to check the whole
+# algorithm against its NumPy spec.
+_columns = _C.gptq_columns
 
 
 def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[int], symmetric: bool = True,
@@ -191,37 +204,39 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     qmin, qmax = qrange(bits, symmetric)
     codes_np = codes.numpy()
     perm_np = perm.numpy()
+    # The column loop is the native kernel (csrc/lowbit/gptq.cc; the NumPy spec is
+    # reference.gptq_columns): it wants the block's columns as rows, and the group
+    # parameters as rows of [G, N] float32 mirrors of scales / zps.
+    ngroups = k // g
+    scales_t = np.zeros((ngroups, n), np.float32)
+    zps_t = None if symmetric else np.zeros((ngroups, n), np.float32)
+    if static is not None:
+        scales_t[...] = scales.numpy().T
+        if zps_t is not None:
+            zps_t[...] = zps.numpy().T
+    groups_of = (perm_np // g).astype(np.int32)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        # The column loop runs in NumPy: ~10 small ops per column, each ~1 us
-        # there against ~8 us in torch (SmolLM2: 150k columns, 93 s -> ~15 s).
-        # Same arithmetic as quant_codes: float32 w * (1 / s), clamp, round half even.
-        W1 = W[:, i1:i2].numpy().copy()
-        Err = np.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2].numpy()
-        cur = None
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = int(perm_np[col]) // g
-            if static is None and col % g == 0:  # a new group starts here (never straddles blocks)
-                s, z = group_params(torch.from_numpy(W1[:, i:i + g]).float(), bits, symmetric)
+        b = i2 - i1
+        wt = np.ascontiguousarray(W[:, i1:i2].numpy().T)
+        hinv1 = np.ascontiguousarray(Hinv[i1:i2, i1:i2].numpy())
+        codes_b = np.empty((b, n), np.int32)
+        err_b = np.empty((b, n), np.float64)
+        grp = np.ascontiguousarray(groups_of[i1:i2])
+        if static is not None:
+            _columns(wt, hinv1, 0, b, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b)
+        else:  # a group's scales come from its columns as the block's updates left them
+            for c in range(0, b, g):
+                gi = (i1 + c) // g
+                s, z = group_params(torch.from_numpy(wt[c:c + g].T).float(), bits, symmetric)
                 scales[:, gi] = s
+                scales_t[gi] = s.numpy()
                 if zps is not None:
                     zps[:, gi] = z
-                cur = None
-            if gi != cur:  # this column's group parameters, as NumPy float32 (act order jumps between groups)
-                cur = gi
-                s32 = scales[:, gi].numpy()
-                z32 = np.zeros_like(s32) if zps is None else zps[:, gi].numpy()
-                inv32 = np.where(s32 == 0, np.float32(0), np.float32(1) / np.where(s32 == 0, np.float32(1), s32))
-                lo32, hi32 = (qmin - z32).astype(np.float32), (qmax - z32).astype(np.float32)
-                s64, z64 = s32.astype(np.float64), z32.astype(np.float64)
-            q = np.rint(np.clip(W1[:, i].astype(np.float32) * inv32, lo32, hi32)) + z32
-            codes_np[:, col] = q.astype(np.int32)
-            err = (W1[:, i] - (q.astype(np.float64) - z64) * s64) / Hinv1[i, i]
-            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
-            Err[:, i] = err
-        W[:, i2:] -= torch.from_numpy(Err) @ Hinv[i1:i2, i2:]
+                    zps_t[gi] = z.numpy()
+                _columns(wt, hinv1, c, c + g, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b)
+        codes_np[:, i1:i2] = codes_b.T
+        W[:, i2:] -= torch.from_numpy(np.ascontiguousarray(err_b.T)) @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     return QuantizedWeight(codes[:, inv].contiguous(), scales, zps, bits, group)
 

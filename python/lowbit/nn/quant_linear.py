@@ -233,6 +233,12 @@ class QuantLinear(nn.Module):
                              None if self.offsets is None else self.offsets.numpy(),
                              (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes (the name other quantized layers use: peft finds a
+        wrapped layer's device through it)."""
+        return self.data
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [out, in] this layer computes with (input scale folded in)."""
         w = self._int2_weight() if self.config.bits == 2 else torch.from_numpy(dequantize_packed(self.packed()))

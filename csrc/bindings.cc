@@ -401,6 +401,15 @@ void CheckOut(const py::array& out, size_t m, size_t n) {
   if (!out.writeable() || !(out.flags() & py::array::c_style)) Fail("out must be writable and C-contiguous");
 }
 
+void DequantizeTiled(int bits, size_t n, size_t k, size_t group, const py::array& data, const py::array& scales,
+                     const py::object& offsets, py::array out) {
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+  CheckOut(out, n, k);
+  float* o = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  lowbit::DequantizeTiled(w, o, k);
+}
+
 // Bias padded to whole tiles (the kernels add it in their final store).
 std::vector<float> PaddedBias(const py::object& bias_obj, const lowbit::TiledWeights& w) {
   std::vector<float> padded;
@@ -504,6 +513,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("given"),
         py::arg("scales").noconvert(), py::arg("zero_points").none(true), py::arg("packed").noconvert(),
         "Quantize rows of x into packed codes; returns False if x held NaN.");
+  m.def("dequantize_tiled", &DequantizeTiled, py::arg("bits"), py::arg("n"), py::arg("k"), py::arg("group"),
+        py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
+        "Float32 values [N, K] of tiled weights (the inverse of pack_tiled, scales applied).");
   m.def("gptq_columns", &GptqColumns, py::arg("wt"), py::arg("hinv"), py::arg("c0"), py::arg("c1"),
         py::arg("scales"), py::arg("zps").none(true), py::arg("groups"), py::arg("qmin"), py::arg("qmax"),
         py::arg("codes").noconvert(), py::arg("err").noconvert(),

@@ -199,3 +199,17 @@ def test_fused_bias_equals_adding_afterwards(dot_path, rng, m, act_bits):
                                   lowbit.matmul(x, pw, act_bits=act_bits) + b)
     with pytest.raises(ValueError, match="bias"):
         lowbit.matmul(x, pw, bias=b[:-1])
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k", [
+    (4, None, True, 33, 128), (4, None, False, 5, 70), (4, 32, False, 33, 128), (4, 64, True, 16, 64),
+    (8, None, False, 5, 70), (8, None, True, 33, 128), (8, 64, True, 16, 128), (8, 32, False, 7, 96)])
+def test_dequantize_packed_matches_its_spec_and_the_qarray(rng, bits, group, sym, n, k):
+    from lowbit import reference
+    from lowbit.matmul import dequantize_packed
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym)
+    pw = lowbit.pack_weights(q)
+    got = dequantize_packed(pw)
+    np.testing.assert_array_equal(got, reference.dequantize_tiled(pw))
+    np.testing.assert_array_equal(got, q.dequantize())

@@ -100,6 +100,10 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
                const float* scales, const uint8_t* zps, uint8_t* data, float* tile_scales,
                int32_t* tile_offsets);
 
+// The float32 values [N, K] (row stride out_stride) of tiled weights: the
+// inverse of PackTiled with the scales and offsets applied.
+void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride);
+
 // Per-row symmetric int8 activations (formats.h): xq [M, kp] (zero padded),
 // xscale [M], xsum [M, ngroups] with groups of `group` along kp.
 // fixed_scale > 0: every row uses it (static, calibrated activation scale;

@@ -622,6 +622,34 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
   });
 }
 
+// The tiles' float values, row-major [N, K] (the input gradient of a frozen
+// layer needs W itself, not x @ W.T): the inverse of PackTiled, as the NumPy
+// dequantize_packed computes it, (u - offset) * scale in float32. Scalar: one
+// byte read per 1-2 outputs, so it runs at memory speed (~1 ms for 1536 x 576).
+void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
+  const size_t step = KStep(w.bits);
+  const size_t tile_bytes = w.kp / step * kBlockBytes;
+  const int sym_offset = 1 << (w.bits - 1);
+  ParallelFor(w.tiles, 1, [&](size_t t0, size_t t1) {
+    for (size_t t = t0; t < t1; ++t) {
+      for (size_t i = 0; i < kTileRows; ++i) {
+        const size_t row = t * kTileRows + i;
+        if (row >= w.n) break;
+        float* dst = out + row * out_stride;
+        for (size_t kk = 0; kk < w.k; ++kk) {
+          const size_t g = kk / w.group;
+          const size_t idx = (t * w.ngroups + g) * kTileRows + i;
+          const size_t kb = kk / step, j = kk % step;
+          const uint8_t byte = w.data[t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4)];
+          const int u = w.bits == 8 ? byte : (j < 4 ? byte & 0x0F : byte >> 4);
+          const int off = w.offsets ? w.offsets[idx] : sym_offset;
+          dst[kk] = static_cast<float>(u - off) * w.scales[idx];
+        }
+      }
+    }
+  });
+}
+
 bool QuantizeActivations(const float* x, size_t m, size_t k, size_t x_stride, size_t kp,
                          size_t group, float fixed_scale, int8_t* xq, float* xscale, int32_t* xsum) {
   if (group == 0 || kp % group != 0 || kp < k) throw std::invalid_argument("bad activation grouping");

@@ -219,23 +219,11 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
 
 
 def dequantize_packed(w: PackedWeights) -> np.ndarray:
-    """The float32 weights [N, K] a PackedWeights holds (NumPy; for gradients,
-    checks and export, not for speed)."""
+    """The float32 weights [N, K] a PackedWeights holds (the native kernel; for
+    input gradients, merging adapters, checks and export)."""
     if not isinstance(w, PackedWeights):
         raise TypeError(f"w must be PackedWeights, got {type(w).__name__}")
     n, k = w.shape
-    step, kp = KSTEP[w.bits], w.kp
-    tiles = w.scales.shape[0]
-    b = w.data.reshape(tiles, kp // step, TILE_ROWS, 4)
-    if w.bits == 8:
-        u = b.transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
-    else:
-        halves = np.stack([b & 0x0F, b >> 4], axis=3)            # [t, kb, i, half, j]
-        u = halves.reshape(tiles, kp // step, TILE_ROWS, 8).transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
-    ngroups = w.scales.shape[1]
-    per_row = lambda a: a.transpose(0, 2, 1).reshape(tiles * TILE_ROWS, ngroups)  # noqa: E731
-    scales = per_row(w.scales)
-    offs = (np.full(scales.shape, 1 << (w.bits - 1), np.int32) if w.offsets is None else per_row(w.offsets))
-    g = kp if ngroups == 1 else w.group_size
-    vals = (u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]).astype(np.float32) * scales[:, :, None]
-    return np.ascontiguousarray(vals.reshape(tiles * TILE_ROWS, kp)[:n, :k])
+    out = np.empty((n, k), np.float32)
+    _C.dequantize_tiled(w.bits, n, k, w._group, w.data, w.scales.reshape(-1), w._offsets_flat, out)
+    return out

@@ -423,3 +423,26 @@ def gptq_columns(wt, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err) 
         e = (wt[c] - (q.astype(np.float64) - z32.astype(np.float64)) * s32.astype(np.float64)) / hinv[c, c]
         err[c] = e
         wt[c + 1:] -= hinv[c, c + 1:, None] * e[None, :]
+
+
+def dequantize_tiled(w) -> np.ndarray:
+    """The float32 weights [N, K] of tiled weights ``w`` (a lowbit.PackedWeights):
+    the spec of _C.dequantize_tiled (matmul.dequantize_packed)."""
+    TILE_ROWS, KSTEP = 16, {8: 4, 4: 8}
+    n, k = w.shape
+    step = KSTEP[w.bits]
+    kp = (k + step - 1) // step * step
+    tiles = w.scales.shape[0]
+    b = w.data.reshape(tiles, kp // step, TILE_ROWS, 4)
+    if w.bits == 8:
+        u = b.transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
+    else:
+        halves = np.stack([b & 0x0F, b >> 4], axis=3)            # [t, kb, i, half, j]
+        u = halves.reshape(tiles, kp // step, TILE_ROWS, 8).transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
+    ngroups = w.scales.shape[1]
+    per_row = lambda a: a.transpose(0, 2, 1).reshape(tiles * TILE_ROWS, ngroups)  # noqa: E731
+    scales = per_row(w.scales)
+    offs = (np.full(scales.shape, 1 << (w.bits - 1), np.int32) if w.offsets is None else per_row(w.offsets))
+    g = kp if ngroups == 1 else w.group_size
+    vals = (u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]).astype(np.float32) * scales[:, :, None]
+    return np.ascontiguousarray(vals.reshape(tiles * TILE_ROWS, kp)[:n, :k])

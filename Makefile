@@ -90,6 +90,7 @@ bench: setup
 	$(VPY) benchmarks/bench_quantize.py
 	$(VPY) benchmarks/bench_matmul.py
 	$(VPY) benchmarks/bench_contract.py
+	$(VPY) benchmarks/bench_lora.py
 	$(VPY) benchmarks/bench_model.py
 	$(VPY) benchmarks/bench_fake_quant.py
 	$(VPY) benchmarks/bench_stream.py --write

@@ -174,3 +174,52 @@ def test_quantizing_while_loading_never_holds_the_float_model(synthetic_llama):
     assert floats["resident"] > 0.9 * floats["held"]  # the control: the float model is all in memory
     assert quant["held"] < 0.2 * floats["held"]
     assert quant["peak"] < quant["held"] + 3 * layer, got
+
+
+def memory_cgroup():
+    """(a fresh memory cgroup directory, "v1" | "v2"), or skip saying why."""
+    import uuid
+    name = f"lowbit-test-{uuid.uuid4().hex[:8]}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    candidates = []
+    if v2.exists() and "memory" in v2.read_text().split():
+        candidates.append((Path("/sys/fs/cgroup") / name, "v2"))
+    if Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
+        candidates.append((Path("/sys/fs/cgroup/memory") / name, "v1"))
+    for path, version in candidates:
+        try:
+            path.mkdir()
+            return path, version
+        except OSError as e:
+            reason = f"{path}: {e}"
+    msg = f"cap impossible here: no writable memory cgroup ({reason if candidates else 'no memory controller'})"
+    print(msg)
+    pytest.skip(msg)
+
+
+def test_quantizing_under_a_memory_cap_a_third_of_the_float_model(synthetic_llama):
+    """407 MB of float32 quantized in a process capped at 120 MiB (a cgroup;
+    clean pages of the mapped checkpoint are reclaimed under the cap, the
+    process's own memory is not), equal bit for bit to in-memory quantization."""
+    import hashlib
+    _, folder = synthetic_llama
+    ref = lowbit.quantize(AutoModelForCausalLM.from_pretrained(folder), bits=4, exclude="lm_head", heads=None,
+                          embeddings=None, progress=False)
+    ids = torch.arange(12)[None] % 512
+    want = hashlib.sha256(logits(ref, ids).numpy().tobytes()).hexdigest()
+    child = str(Path(__file__).with_name("capped_load_child.py"))
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]), OMP_WAIT_POLICY="PASSIVE")
+    cap = 120
+    assert sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) >= 3 * (cap << 20)
+    results = {}
+    for mode in ("lowbit", "float-train"):
+        cgroup, version = memory_cgroup()
+        try:
+            results[mode] = subprocess.run([sys.executable, child, str(folder), str(cap), mode, str(cgroup), version],
+                                           capture_output=True, text=True, env=env)
+        finally:
+            cgroup.rmdir()
+    ok = results["lowbit"]
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"logits {want}" in ok.stdout
+    assert results["float-train"].returncode != 0  # the control: the cap does bite

@@ -1,0 +1,36 @@
+"""Joins a memory cgroup capped at CAP MiB, then loads FOLDER and prints a hash
+of the logits for fixed tokens (the parent compares it with in-memory
+quantization). Modes: "lowbit" (quantize while loading), "float-train" (float,
+weights written as training would: the control that the cap is enforced).
+
+    python capped_load_child.py FOLDER CAP_MIB MODE CGROUP_DIR v1|v2
+"""
+import gc
+import hashlib
+import os
+import sys
+
+import torch
+
+import lowbit
+from transformers import AutoConfig, AutoModelForCausalLM
+
+folder, cap_mib, mode, cgroup, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+# Warm up the loader's code before joining: only the weights' memory is capped.
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, num_hidden_layers=1))
+gc.collect()
+limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+with open(os.path.join(cgroup, limit_file), "w") as f:
+    f.write(str(cap_mib << 20))
+with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+if mode == "lowbit":
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=lowbit.LowbitConfig(bits=4))
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0)  # a write: the mapped page becomes the process's own memory
+ids = torch.arange(12)[None] % model.config.vocab_size
+with torch.no_grad():
+    print("logits", hashlib.sha256(model(ids).logits.numpy().tobytes()).hexdigest(), flush=True)

@@ -44,9 +44,10 @@ def __getattr__(name):
         except ModuleNotFoundError as e:
             if e.name not in ("torch", "transformers"):
                 raise
-            raise ImportError(f"lowbit.{name} needs {e.name}: pip install 'lowbit[torch]'"
-                              + (" transformers" if e.name == "transformers" else "")
-                              + " (the NumPy API works without it)") from e
+            if e.name == "torch":
+                raise ImportError(f"lowbit.{name} needs PyTorch: pip install 'lowbit[torch]' "
+                                  "(the NumPy API works without it)") from e
+            raise ImportError(f"lowbit.{name} needs transformers: pip install transformers") from e
         value = mod if attr is None else getattr(mod, attr)
         globals()[name] = value
         return value

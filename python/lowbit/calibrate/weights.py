@@ -299,8 +299,9 @@ class LayerStats:
             for r in range(0, xf.shape[0], 4096):
                 c = xf[r:r + 4096]
                 self.h += (c.T @ c).double()
-        x = x.double()
-        self.abs_sum += x.abs().sum(0)
+        # |x| summed in float64 straight from x's dtype: converting all of x to
+        # float64 first cost ~12 s of a 32 x 512 SmolLM2 GPTQ run for nothing.
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.rows += x.shape[0]
         if self._kept < self.max_rows:
             take = x[torch.randperm(x.shape[0], generator=self._gen)[: self.max_rows - self._kept]]

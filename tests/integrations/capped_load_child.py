@@ -1,9 +1,10 @@
 """Joins a memory cgroup capped at CAP MiB, then loads FOLDER and prints a hash
 of the logits for fixed tokens (the parent compares it with in-memory
-quantization). Modes: "lowbit" (quantize while loading), "float-train" (float,
-weights written as training would: the control that the cap is enforced).
+quantization). Modes: "lowbit" (quantize while loading), "cli" (`lowbit
+quantize FOLDER OUT`, the command line), "float-train" (float, weights written
+as training would: the control that the cap is enforced).
 
-    python capped_load_child.py FOLDER CAP_MIB MODE CGROUP_DIR v1|v2
+    python capped_load_child.py FOLDER CAP_MIB MODE CGROUP_DIR v1|v2 [OUT]
 """
 import gc
 import hashlib
@@ -24,6 +25,9 @@ with open(os.path.join(cgroup, limit_file), "w") as f:
     f.write(str(cap_mib << 20))
 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))
+if mode == "cli":
+    from lowbit import cli
+    sys.exit(cli.main(["quantize", folder, sys.argv[6], "--bits", "4"]))
 if mode == "lowbit":
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=lowbit.LowbitConfig(bits=4))
 else:

@@ -223,3 +223,23 @@ def test_quantizing_under_a_memory_cap_a_third_of_the_float_model(synthetic_llam
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert f"logits {want}" in ok.stdout
     assert results["float-train"].returncode != 0  # the control: the cap does bite
+
+
+def test_command_line_quantizes_under_the_same_cap(synthetic_llama, tmp_path):
+    """`lowbit quantize SRC OUT` on the 407 MB checkpoint inside a 120 MiB cgroup
+    writes the same bytes as without a cap."""
+    from lowbit import cli
+    _, folder = synthetic_llama
+    free = tmp_path / "free.safetensors"
+    assert cli.main(["quantize", str(folder), str(free), "--bits", "4"]) == 0
+    capped = tmp_path / "capped.safetensors"
+    child = str(Path(__file__).with_name("capped_load_child.py"))
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]), OMP_WAIT_POLICY="PASSIVE")
+    cgroup, version = memory_cgroup()
+    try:
+        run = subprocess.run([sys.executable, child, str(folder), "120", "cli", str(cgroup), version, str(capped)],
+                             capture_output=True, text=True, env=env)
+    finally:
+        cgroup.rmdir()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert capped.read_bytes() == free.read_bytes()

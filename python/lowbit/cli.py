@@ -227,6 +227,70 @@ def file_info(path, out=None):
     return fi
 
 
+def _safetensors_header(path: str) -> dict:
+    """The tensor table of a safetensors file (header only), validated enough to print."""
+    import json
+    import os
+    import struct
+
+    from .io import MAX_HEADER_BYTES, FormatError
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise FormatError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
+
+
+def folder_info(path, out=None) -> dict:
+    """Print the layer table of a Hugging Face folder written by save_pretrained of
+    a lowbit model (quantization_config with quant_method "lowbit")."""
+    import glob
+    import json
+    import os
+
+    from .io import FormatError
+    out = out or sys.stdout
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FormatError(f"{path}: no config.json (not a Hugging Face model folder)")
+    with open(config_path) as f:
+        qc = json.load(f).get("quantization_config") or {}
+    if qc.get("quant_method") != "lowbit" or not isinstance(qc.get("layers"), dict):
+        raise FormatError(f"{path}: config.json has no lowbit quantization_config (quant_method "
+                          f"{qc.get('quant_method')!r})")
+    tensors = {}
+    for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        for name, t in _safetensors_header(shard).items():
+            tensors[name] = (os.path.basename(shard), t)
+    print(f"{path}: {len(tensors)} tensors, {len(qc['layers'])} lowbit layers "
+          f"(bits={qc.get('bits')}, group_size={qc.get('group_size')}, method={qc.get('method')!r})", file=out)
+    print(f"{'layer':48s} {'format':>14s} {'bytes':>11s}  file", file=out)
+    packed = 0
+    for name, record in qc["layers"].items():
+        bits, group, symmetric, act_bits = record[:4]
+        parts = [tensors.get(f"{name}.{p}") for p in ("data", "scales", "offsets")]
+        if parts[0] is None or parts[1] is None:
+            raise FormatError(f"{path}: layer {name} is in the table but its tiles are not in the files")
+        nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in filter(None, parts))
+        packed += nbytes
+        label = f"int{bits} " + ("per-row" if group is None else f"g{group}") + ("" if symmetric else " asym") + \
+            (" A8" if act_bits else "")
+        print(f"{name[:48]:48s} {label:>14s} {nbytes:11d}  {parts[0][0]}", file=out)
+    total = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in tensors.values())
+    print(f"quantized layers: {packed / 2**20:.2f} MiB; other tensors {(total - packed) / 2**20:.2f} MiB", file=out)
+    return qc
+
+
 def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activations=None, symmetric=True,
                    out=None, embeddings=None) -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
@@ -272,7 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     i = sub.add_parser("info", help="print the SIMD target and threads, or the tensor table of a lowbit FILE")
-    i.add_argument("file", nargs="?", help="a file written by lowbit.save / lowbit quantize")
+    i.add_argument("file", nargs="?", help="a file written by lowbit.save / lowbit quantize, or a folder "
+                                            "written by save_pretrained of a lowbit model")
     q = sub.add_parser("quantize", help="quantize a Hugging Face model folder (or 'minilm') into a lowbit file")
     q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
     q.add_argument("dest", help="output .safetensors path (written atomically)")
@@ -294,8 +359,9 @@ def main(argv=None) -> int:
     if args.command == "info":
         if args.file:
             from .io import FormatError
+            import os
             try:
-                file_info(args.file)
+                (folder_info if os.path.isdir(args.file) else file_info)(args.file)
             except (FormatError, OSError) as e:
                 print(f"lowbit info: {e}", file=sys.stderr)
                 return 1

@@ -243,3 +243,14 @@ def test_command_line_quantizes_under_the_same_cap(synthetic_llama, tmp_path):
         cgroup.rmdir()
     assert run.returncode == 0, run.stderr[-2000:]
     assert capped.read_bytes() == free.read_bytes()
+
+
+def test_lowbit_info_reads_a_save_pretrained_folder(quantized, tmp_path, capsys):
+    from lowbit import cli
+    _, folder = quantized
+    assert cli.main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "210 lowbit layers" in out and "model.layers.0.mlp.down_proj" in out and "int4 g128" in out
+    assert "int4 g96" in out  # 576-wide inputs at group 128
+    assert cli.main(["info", str(tmp_path)]) == 1  # no config.json: one clear line, not a traceback
+    assert "no config.json" in capsys.readouterr().err

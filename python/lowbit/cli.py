@@ -227,30 +227,6 @@ def file_info(path, out=None):
     return fi
 
 
-def _safetensors_header(path: str) -> dict:
-    """The tensor table of a safetensors file (header only), validated enough to print."""
-    import json
-    import os
-    import struct
-
-    from .io import MAX_HEADER_BYTES, FormatError
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size < 8:
-            raise FormatError(f"{path}: {size} bytes is too short for a safetensors file")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
-            raise FormatError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise FormatError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
-
-
 def folder_info(path, out=None) -> dict:
     """Print the layer table of a Hugging Face folder written by save_pretrained of
     a lowbit model (quantization_config with quant_method "lowbit")."""
@@ -258,7 +234,7 @@ def folder_info(path, out=None) -> dict:
     import json
     import os
 
-    from .io import FormatError
+    from .io import FormatError, read_header
     out = out or sys.stdout
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -270,7 +246,9 @@ def folder_info(path, out=None) -> dict:
                           f"{qc.get('quant_method')!r})")
     tensors = {}
     for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        for name, t in _safetensors_header(shard).items():
+        header = read_header(shard)[0]
+        header.pop("__metadata__", None)
+        for name, t in header.items():
             tensors[name] = (os.path.basename(shard), t)
     print(f"{path}: {len(tensors)} tensors, {len(qc['layers'])} lowbit layers "
           f"(bits={qc.get('bits')}, group_size={qc.get('group_size')}, method={qc.get('method')!r})", file=out)

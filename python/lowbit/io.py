@@ -274,6 +274,15 @@ def read_info(path) -> FileInfo:
     tiled shapes of each layer).
     """
     path = os.fspath(path)
+    header, data_start, size = read_header(path)
+    return _parse_header(path, header, data_start, size)
+
+
+def read_header(path) -> tuple:
+    """(the JSON header of any safetensors file, where its tensor bytes start, the
+    file's size): length and JSON checked, nothing else (read_info validates
+    lowbit's own files further)."""
+    path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
@@ -282,23 +291,22 @@ def read_info(path) -> FileInfo:
         if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
             raise FormatError(f"{path}: header length {n} does not fit the file ({size} bytes)")
         raw = f.read(n)
-    return _parse_header(path, raw, size)
-
-
-def _parse_header(path: str, raw: bytes, size: int) -> FileInfo:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object")
+    return header, 8 + n, size
+
+
+def _parse_header(path: str, header: dict, data_start: int, size: int) -> FileInfo:
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or "lowbit" not in meta:
         raise FormatError(f"{path}: not a lowbit file (no lowbit metadata in the header; "
                           "plain safetensors files load with the safetensors package)")
     if not all(isinstance(v, str) for v in meta.values()):
         raise FormatError(f"{path}: __metadata__ values must be strings")
-    data_start = 8 + len(raw)
     data_size = size - data_start
     entries = []
     for name, e in header.items():

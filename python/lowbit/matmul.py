@@ -54,8 +54,7 @@ class PackedWeights:
             raise ValueError(f"PackedWeights.group_size must be None or a divisor of K={k} that is a "
                              f"multiple of {step}, got {g!r}")
         tiles = -(-n // TILE_ROWS)
-        kp = -(-k // step) * step
-        _field(self.data, "data", U8, (tiles * (kp // step) * 64,))
+        _field(self.data, "data", U8, (tiles * (self.kp // step) * 64,))
         groups = (tiles, 1 if g is None else k // g, TILE_ROWS)
         _field(self.scales, "scales", F32, groups)
         if self.symmetric != (self.offsets is None):

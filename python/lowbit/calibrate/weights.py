@@ -105,7 +105,6 @@ def rtn(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
 
 def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True, steps: int = 9) -> QuantizedWeight:
     """Data-free error-minimising scales (csrc/lowbit/scale_search.cc), then the codes they give."""
-    from .. import _C
     w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
     n, k = w32.shape
     g = k if group is None else group

@@ -44,7 +44,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..calibrate.ptq import DATA_FREE
 from ..config import QuantConfig
-from ..io import expected_packed_shapes
 from ..nn import QuantLinear
 
 METHOD = "lowbit"
@@ -131,12 +130,8 @@ def _placeholder(linear: nn.Linear, record: list) -> QuantLinear:
     with torch.device("meta"):
         mod = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, cfg,
                           dtype=linear.weight.dtype, has_input_scale=has_input_scale)
-        c = mod.config
-        dtypes = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
-        shapes = expected_packed_shapes(dict(out_features=mod.out_features, in_features=mod.in_features,
-                                             bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
-        for part, (dt, shape) in shapes.items():
-            setattr(mod, part, torch.empty(shape, dtype=dtypes[dt]))
+        for part, (dtype, shape) in mod._tile_shapes().items():
+            setattr(mod, part, torch.empty(shape, dtype=dtype))
     mod.act_scale = act_scale
     return mod
 

@@ -25,6 +25,9 @@ def _eager_inference(x: torch.Tensor, bias) -> bool:
     return not torch._C._is_torch_function_mode_enabled() and not torch.jit.is_tracing()
 
 
+# safetensors dtype names of the stored layout (io.expected_packed_shapes) -> torch.
+_TORCH_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
+
 _warned_int2 = False
 _checked_threads = False
 
@@ -135,23 +138,27 @@ class QuantLinear(nn.Module):
             mod.input_scale = q.input_scale.float().clone()
         return mod
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh layer holds empty placeholders: take the tiles' shapes from the
-        # state dict (their sizes are checked against the tiled layout first).
+    def _tile_shapes(self) -> dict:
+        """part -> (torch dtype, shape) of this layer's tensors in the stored layout
+        (tiled-v1, or packed rows for int2; io.expected_packed_shapes)."""
         from ..io import expected_packed_shapes
         c = self.config
         want = expected_packed_shapes(dict(out_features=self.out_features, in_features=self.in_features,
                                            bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
-        dtypes = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
-        for part, (dt, shape) in want.items():
+        return {part: (_TORCH_DTYPES[dt], shape) for part, (dt, shape) in want.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh layer holds empty placeholders: take the tiles' shapes from the
+        # state dict (their sizes are checked against the tiled layout first).
+        for part, (dtype, shape) in self._tile_shapes().items():
             t = state_dict.get(prefix + part)
             if t is None:
                 continue
-            if tuple(t.shape) != shape or t.dtype != dtypes[dt]:
-                raise ValueError(f"{prefix + part}: expected {dtypes[dt]} {list(shape)} for {c.label} "
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{prefix + part}: expected {dtype} {list(shape)} for {self.config.label} "
                                  f"[{self.out_features}x{self.in_features}], got {t.dtype} {list(t.shape)}")
             if getattr(self, part).shape != t.shape:
-                setattr(self, part, torch.empty(shape, dtype=dtypes[dt]))
+                setattr(self, part, torch.empty(shape, dtype=dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -254,3 +254,19 @@ def test_lowbit_info_reads_a_save_pretrained_folder(quantized, tmp_path, capsys)
     assert "int4 g96" in out  # 576-wide inputs at group 128
     assert cli.main(["info", str(tmp_path)]) == 1  # no config.json: one clear line, not a traceback
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_three_bit_codes_while_loading(synthetic_llama, tmp_path):
+    """3-bit codes (in int4 tiles) come from lowbit's calibrated path after loading."""
+    _, folder = synthetic_llama
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LowbitConfig(bits=3))
+    layer = loaded.model.layers[1].self_attn.k_proj
+    assert isinstance(layer, lowbit.nn.QuantLinear) and (layer.config.bits, layer.config.code_bits) == (4, 3)
+    ref = lowbit.quantize(AutoModelForCausalLM.from_pretrained(folder), bits=3, exclude="lm_head", heads=None,
+                          embeddings=None, progress=False)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(loaded, ids), logits(ref, ids))
+    loaded.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.model.layers[1].self_attn.k_proj.config.code_bits == 3
+    assert torch.equal(logits(again, ids), logits(loaded, ids))

@@ -42,8 +42,9 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..api import _set_module
 from ..calibrate.ptq import DATA_FREE
-from ..config import QuantConfig
+from ..config import QuantConfig, storage_bits
 from ..nn import QuantLinear
 
 METHOD = "lowbit"
@@ -136,11 +137,6 @@ def _placeholder(linear: nn.Linear, record: list) -> QuantLinear:
     return mod
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 class LowbitHfQuantizer(HfQuantizer):
     """transformers' hooks for quant_method="lowbit" (see the module docstring)."""
 
@@ -180,8 +176,10 @@ class LowbitHfQuantizer(HfQuantizer):
         # The same choice of layers as lowbit.quantize, made on the meta skeleton.
         cfg = self.quantization_config
         targets, _ = _select(model, None, self._excluded, devices=("cpu", "meta"))
-        self._plans = {name: QuantConfig(cfg.bits, layer_group(cfg.group_size, mod.in_features, cfg.bits),
-                                         cfg.symmetric, cfg.activations) for name, mod in targets}
+        storage = storage_bits(cfg.bits)  # 3-bit codes live in int4 tiles
+        self._plans = {name: QuantConfig(storage, layer_group(cfg.group_size, mod.in_features, cfg.bits),
+                                         cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits)
+                       for name, mod in targets}
         return model
 
     def _excluded(self, name: str, mod) -> bool:

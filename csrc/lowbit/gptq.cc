@@ -43,9 +43,10 @@ namespace hn = hwy::HWY_NAMESPACE;
 using DD = hn::ScalableTag<double>;
 
 // The rank-1 update of the later columns for rows [r0, r1): the O(R B^2) part.
-// Two vectors per step: Mul then Sub is 2 dependent ops of latency 4, and the
-// loads/stores of w dominate (2 loads + 1 store per 2 flops), so more
-// independent chains would not help; the loop is L1/L2-bandwidth bound.
+// One vector per step, no unrolling: each step is independent of the last
+// (Mul then Sub, latency 8, overlapped by the out-of-order core), and the
+// loads/stores dominate (2 loads + 1 store per 2 flops), so the loop is
+// L1/L2-bandwidth bound rather than latency bound.
 HWY_INLINE void PushError(double* HWY_RESTRICT wt, size_t rows, const double* HWY_RESTRICT e, const double* hrow,
                           size_t c, size_t b, size_t r0, size_t r1) {
   const DD dd;

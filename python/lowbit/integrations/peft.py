@@ -58,23 +58,23 @@ class LoraQuantLinear(nn.Module, LoraLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
-        if isinstance(base, QuantLinear):
-            weight = base.dequantized_weight().float()
-            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-            self._quantized_base = base
-        else:  # already a merged float layer: add more adapters to it
-            weight, merged = base.weight.detach().float(), base
-        for name in adapter_names:
-            if name in self.lora_A:
-                weight = weight + self.get_delta_weight(name).float()
-                self.merged_adapters.append(name)
+        quantized = isinstance(base, QuantLinear)  # else: an already merged float layer gets more adapters
+        weight = base.dequantized_weight().float() if quantized else base.weight.detach().float()
+        names = [name for name in adapter_names if name in self.lora_A]
+        for name in names:
+            weight = weight + self.get_delta_weight(name).float()
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"the merged weights of adapters {adapter_names} are not finite")
-        with torch.no_grad():
-            merged.weight = nn.Parameter(weight.to(base.orig_dtype if isinstance(base, QuantLinear) else
-                                                   base.weight.dtype), requires_grad=False)
-            if isinstance(base, QuantLinear) and base.bias is not None:
+        if quantized:
+            # On meta: its random init would be overwritten at once.
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+            if base.bias is not None:
                 merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+            self._quantized_base, dtype = base, base.orig_dtype
+        else:
+            merged, dtype = base, base.weight.dtype
+        merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        self.merged_adapters.extend(names)
         self.base_layer = merged
 
     def unmerge(self) -> None:

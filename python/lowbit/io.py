@@ -531,7 +531,8 @@ def load_state_dict(path, *, verify: bool = True) -> dict:
 
 def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional[int] = None,
          prefetch: int = 1, verify: Optional[bool] = None):
-    """Load a file written by :func:`save`.
+    """Load a file written by :func:`save`, or a folder written by ``save_pretrained``
+    of a lowbit transformers model (``path`` a directory; not streamed).
 
     * ``model=None``: returns the state dict (name -> tensor), for inspection or
       custom rebuilding; :func:`read_info` gives the per-layer metadata.
@@ -553,6 +554,17 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
     from .config import QuantConfig
     from .nn import QuantEmbedding, QuantLinear, TiedQuantEmbedding
 
+    if os.path.isdir(os.fspath(path)):
+        from .integrations import hf_folder
+        if stream or max_resident_bytes is not None:
+            raise ValueError(f"{path}: stream=True reads lowbit files (lowbit.save / lowbit quantize); a "
+                             "save_pretrained folder loads whole (lowbit.load(folder, model) or from_pretrained)")
+        if model is None:
+            hf_folder.read_quantization_config(path)  # a lowbit folder, as read_info for files
+            return hf_folder.state_dict(path)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        return hf_folder.load(path, model)
     if model is None:
         if stream:
             raise ValueError("stream=True needs model (the skeleton to stream into)")
@@ -657,10 +669,15 @@ def _retie(model, aliases: dict) -> None:
 
 def hf_skeleton(path):
     """The float transformers model a file written by ``lowbit quantize`` came from
-    (built from the config in its header, weights uninitialised), to pass to :func:`load`.
+    (built from the config in its header, weights uninitialised), to pass to :func:`load`;
+    for a save_pretrained folder of a lowbit model, its architecture with the
+    parameters on the meta device.
     """
     import torch
     import transformers
+    if os.path.isdir(os.fspath(path)):  # a save_pretrained folder: parameters on meta
+        from .integrations import hf_folder
+        return hf_folder.skeleton(path)
     info = read_info(path)
     if "hf_config" not in info.extra or "hf_class" not in info.extra:
         raise ValueError(f"{info.path} carries no transformers config (written by lowbit.save, not "

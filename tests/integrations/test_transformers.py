@@ -286,6 +286,48 @@ def test_lowbit_info_reads_a_save_pretrained_folder(quantized, tmp_path, capsys)
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_lowbit_load_reads_a_save_pretrained_folder(quantized, smollm2_path, tmp_path):
+    """lowbit.load(folder) gives the folder's tensors; lowbit.load(folder, skeleton)
+    the same model as from_pretrained, from a skeleton with parameters on meta."""
+    import shutil
+
+    from lowbit.io import FormatError, hf_skeleton
+    model, folder = quantized
+    sd = lowbit.load(folder)
+    assert sd["model.layers.3.mlp.up_proj.data"].dtype == torch.uint8
+    assert torch.equal(sd["model.layers.3.mlp.up_proj.scales"], model.model.layers[3].mlp.up_proj.scales)
+    skeleton = hf_skeleton(folder)
+    assert skeleton.model.layers[0].mlp.up_proj.weight.is_meta
+    loaded = lowbit.load(folder, skeleton)
+    assert loaded is skeleton and not any(p.is_meta for p in loaded.parameters())
+    assert not any(b.is_meta for b in loaded.buffers())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
+    assert torch.equal(logits(loaded), logits(model))
+    assert lowbit.summary(loaded)["bits_per_weight"] == lowbit.summary(model)["bits_per_weight"]
+    with pytest.raises(ValueError, match="stream"):
+        lowbit.load(folder, hf_skeleton(folder), stream=True)
+    with pytest.raises(FormatError, match="quantization_config"):
+        lowbit.load(smollm2_path)
+    # A layer table naming a module the model lacks, or tiles of the wrong shape:
+    # refused before the model changes.
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    layers = config["quantization_config"]["layers"]
+    layers["model.layers.3.mlp.up_proj"][1] = 32  # another group size: other scale shapes
+    (bad / "config.json").write_text(json.dumps(config))
+    victim = hf_skeleton(folder)
+    with pytest.raises(FormatError, match="up_proj.scales"):
+        lowbit.load(bad, victim)
+    assert isinstance(victim.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    layers["model.layers.3.mlp.up_proj"][1] = config["quantization_config"]["group_size"]
+    layers["model.layers.99.mlp.up_proj"] = layers["model.layers.3.mlp.up_proj"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layers.99"):
+        lowbit.load(bad, victim)
+    assert isinstance(victim.model.layers[0].mlp.up_proj, torch.nn.Linear)
+
+
 def test_three_bit_codes_while_loading(synthetic_llama, tmp_path):
     """3-bit codes (in int4 tiles) come from lowbit's calibrated path after loading."""
     _, folder = synthetic_llama

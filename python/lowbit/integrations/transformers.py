@@ -50,6 +50,7 @@ from ..api import _set_module
 from ..calibrate.ptq import DATA_FREE
 from ..config import QuantConfig, storage_bits
 from ..nn import QuantLinear
+from .hf_folder import layer_record, placeholder
 
 METHOD = "lowbit"
 _FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert")
@@ -122,25 +123,6 @@ class LowbitConfig(QuantizationConfigMixin):
         return f"LowbitConfig({fields}, layers=<{n}>)"
 
 
-def _layer_record(mod: QuantLinear) -> list:
-    c = mod.config
-    return [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
-            float(mod.act_scale)]
-
-
-def _placeholder(linear: nn.Linear, record: list) -> QuantLinear:
-    """A QuantLinear with empty tensors of exactly the stored shapes (meta device)."""
-    bits, group, symmetric, act_bits, code_bits, has_input_scale, act_scale = record
-    cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits)
-    with torch.device("meta"):
-        mod = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, cfg,
-                          dtype=linear.weight.dtype, has_input_scale=has_input_scale)
-        for part, (dtype, shape) in mod._tile_shapes().items():
-            setattr(mod, part, torch.empty(shape, dtype=dtype))
-    mod.act_scale = act_scale
-    return mod
-
-
 class LowbitHfQuantizer(HfQuantizer):
     """transformers' hooks for quant_method="lowbit" (see the module docstring)."""
 
@@ -175,7 +157,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"the checkpoint quantized {name}, but the model has a "
                                      f"{type(linear).__name__} there")
-                _set_module(model, name, _placeholder(linear, record))
+                _set_module(model, name, placeholder(linear, record))
             return model
         # The same choice of layers as lowbit.quantize, made on the meta skeleton.
         cfg = self.quantization_config
@@ -221,7 +203,7 @@ class LowbitHfQuantizer(HfQuantizer):
             quantize(model, bits=3, group_size=cfg.group_size, symmetric=cfg.symmetric, activations=cfg.activations,
                      method=cfg.method, include=lambda name, mod: name in self._plans, heads=None,
                      embeddings=None, progress=False)
-        layers = {name: _layer_record(mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+        layers = {name: layer_record(mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
         self.quantization_config = cfg.with_layers(layers)
         model.config.quantization_config = self.quantization_config
         return model

@@ -255,6 +255,62 @@ def test_quantizing_under_a_memory_cap_a_third_of_the_float_model(synthetic_llam
     assert results["float-train"].returncode != 0  # the control: the cap does bite
 
 
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """A random 64-layer Llama, hidden 512: 672 MB of float32 in 7 shards. Its
+    Hessians are at most 1024 x 1024 (GPTQ's factor of one takes ~5 float64
+    copies of it, 40 MB): a cap a third of the model fits the quantized model
+    (87 MB) plus one layer's work and the process's other growth (~90 MiB at the
+    peak, measured from the cgroup's rss)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=64, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("deep-llama-float")
+    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="100MB")
+    return folder
+
+
+def _cgroup_peak_mib(cgroup, version) -> float:
+    name = "memory.max_usage_in_bytes" if version == "v1" else "memory.peak"
+    try:
+        return int((cgroup / name).read_text()) / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+@pytest.mark.parametrize("method", ["gptq"])
+def test_calibrated_methods_under_a_memory_cap_a_third_of_the_float_model(deep_llama, method):
+    """GPTQ of a 672 MB float32 checkpoint in a process capped at 210 MiB:
+    transformers maps the checkpoint, the one calibration pass reads each layer's
+    float weights from disk when its turn comes and keeps only its quantized
+    form (no dequantized copies pile up); equal bit for bit to the same call on
+    the model in memory."""
+    import hashlib
+    folder = deep_llama
+    cap = 210
+    assert sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) >= 3 * (cap << 20)
+    calibration = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    ref = lowbit.quantize(AutoModelForCausalLM.from_pretrained(folder), bits=4, method=method,
+                          calibration_data=list(calibration.split(1)), exclude="lm_head", heads=None,
+                          embeddings=None, progress=False)
+    ids = torch.arange(12)[None] % 512
+    want = hashlib.sha256(logits(ref, ids).numpy().tobytes()).hexdigest()
+    del ref
+    child = str(Path(__file__).with_name("capped_load_child.py"))
+    env = dict(os.environ, PYTHONPATH=str(Path(lowbit.__file__).parents[1]), OMP_WAIT_POLICY="PASSIVE")
+    cgroup, version = memory_cgroup()
+    try:
+        run = subprocess.run([sys.executable, child, str(folder), str(cap), method, str(cgroup), version],
+                             capture_output=True, text=True, env=env)
+        peak = _cgroup_peak_mib(cgroup, version)
+    finally:
+        cgroup.rmdir()
+    print(f"{method} under a {cap} MiB cap: cgroup peak {peak:.0f} MiB")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"logits {want}" in run.stdout
+
+
 def test_command_line_quantizes_under_the_same_cap(synthetic_llama, tmp_path):
     """`lowbit quantize SRC OUT` on the 407 MB checkpoint inside a 120 MiB cgroup
     writes the same bytes as without a cap."""

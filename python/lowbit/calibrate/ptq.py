@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import QuantConfig, storage_bits
 from .data import StopForward, forward_all
-from .memory import release_freed_memory
+from .memory import FreedMemoryReleaser
 from .observers import make_observer
 from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
 
@@ -170,6 +170,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
     if needs_data:
         print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
               "passes); equal-shape batches take one pass", file=sys.stderr)
+    release_freed_memory = FreedMemoryReleaser()
     for name, mod in items:
         w = mod.weight.detach().float()
         obs = make_observer(observer) if static else None
@@ -238,6 +239,7 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     from ..nn.fused import tensor_version
     from .data import StopForward, run_batch
     done, hooks, swapped = {}, [], {}
+    release_freed_memory = FreedMemoryReleaser()
     shared = {}  # layers fed the very same tensor (q/k/v, gate/up) share one LayerStats
     bar = items if hasattr(items, "update") else None
 

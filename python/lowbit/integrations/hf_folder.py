@@ -13,6 +13,10 @@ What such a folder holds:
     them (io.expected_packed_shapes gives the shapes), plus ``input_scale`` (F32,
     AWQ) and ``bias`` when present; every other tensor as transformers writes it.
     Tied parameters are stored once (transformers drops the alias).
+The tiled layout does not depend on the CPU that wrote it (a 64-byte block is
+one AVX-512 vector, two AVX2 or four SSE ones; every kernel target reads the
+same bytes, which the suite checks per target), so a folder written anywhere
+loads anywhere without repacking.
 """
 from __future__ import annotations
 

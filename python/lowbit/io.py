@@ -673,22 +673,30 @@ def hf_skeleton(path):
     for a save_pretrained folder of a lowbit model, its architecture with the
     parameters on the meta device.
     """
-    import torch
-    import transformers
     if os.path.isdir(os.fspath(path)):  # a save_pretrained folder: parameters on meta
         from .integrations import hf_folder
         return hf_folder.skeleton(path)
+    import torch
+    import transformers
     info = read_info(path)
     if "hf_config" not in info.extra or "hf_class" not in info.extra:
         raise ValueError(f"{info.path} carries no transformers config (written by lowbit.save, not "
                          "lowbit quantize): build the model yourself and pass it to lowbit.load")
     cfg_dict = json.loads(info.extra["hf_config"])
-    cls = getattr(transformers, info.extra["hf_class"], None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+    cls = transformers_model_class(info.extra["hf_class"])
+    if cls is None:
         raise ValueError(f"{info.path}: unknown transformers class {info.extra['hf_class']!r}")
     config = transformers.AutoConfig.for_model(**cfg_dict)
     with torch.device("cpu"):
         return cls(config).eval()
+
+
+def transformers_model_class(name):
+    """transformers' PreTrainedModel subclass called ``name``, or None (a name read
+    from a file is never trusted to be one)."""
+    import transformers
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
 
 
 def _close_quietly(mm) -> None:

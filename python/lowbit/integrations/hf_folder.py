@@ -24,7 +24,7 @@ import glob
 import json
 import os
 
-from ..io import FormatError
+from ..io import FormatError, transformers_model_class
 
 # torch and lowbit.nn are imported where used: `lowbit info FOLDER` reads only
 # config.json and the safetensors headers, without loading torch.
@@ -123,8 +123,8 @@ def skeleton(folder):
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is the float architecture
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+    cls = transformers_model_class(names[0]) if names else None
+    if cls is None:
         raise FormatError(f"{folder}: config.json names no known transformers architecture ({names!r})")
     with init_empty_weights(include_buffers=False):
         model = cls(config)

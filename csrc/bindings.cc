@@ -349,9 +349,17 @@ lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py:
     Fail("group_size must be a multiple of " + std::to_string(step) + " for " + std::to_string(bits) + "-bit matmul");
   w.tiles = (n + lowbit::kTileRows - 1) / lowbit::kTileRows;
   CheckFlat(data, "data", Kind::kU8, w.tiles * (w.kp / step) * lowbit::kBlockBytes, false);
-  CheckFlat(scales, "scales", Kind::kF32, w.tiles * w.ngroups * lowbit::kTileRows, false);
+  // float32 or float16 scales (formats.h "scale dtype"); finiteness is checked
+  // where they are made or loaded, not per call (a non-finite scale gives
+  // non-finite outputs, never an out-of-bounds read).
+  const bool half = HasKind(scales, Kind::kF16);
+  CheckFlat(scales, "scales", half ? Kind::kF16 : Kind::kF32, w.tiles * w.ngroups * lowbit::kTileRows, false);
   w.data = static_cast<const uint8_t*>(data.data());
-  w.scales = static_cast<const float*>(scales.data());
+  if (half) {
+    w.scales_f16 = static_cast<const uint16_t*>(scales.data());
+  } else {
+    w.scales = static_cast<const float*>(scales.data());
+  }
   if (!offsets_obj.is_none()) {  // None: symmetric weights (offset 2^(bits-1))
     const py::array offsets = offsets_obj.cast<py::array>();
     CheckFlat(offsets, "offsets", Kind::kI32, w.tiles * w.ngroups * lowbit::kTileRows, false);

@@ -213,3 +213,47 @@ def test_dequantize_packed_matches_its_spec_and_the_qarray(rng, bits, group, sym
     got = dequantize_packed(pw)
     np.testing.assert_array_equal(got, reference.dequantize_tiled(pw))
     np.testing.assert_array_equal(got, q.dequantize())
+
+
+# ------------------------------------------------ float16 scales (formats.h "scale dtype")
+F16_FORMATS = [(4, 32, True), (4, 32, False), (4, None, True), (8, 64, True), (8, None, False)]
+
+
+@pytest.mark.parametrize("act_bits", [None, 8], ids=["w_only", "a8"])
+@pytest.mark.parametrize("bits,group,sym", F16_FORMATS, ids=[f"int{b}-{g}-{'s' if s else 'a'}" for b, g, s in F16_FORMATS])
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_float16_scales_match_the_reference_and_float32_tiles(dot_path, rng, m, bits, group, sym, act_bits):
+    # Every kernel path reads float16 scales: the result must be the float32
+    # tiles' result bit for bit (the scales are the same values), and within the
+    # reference's bound of the exact product.
+    n, k = 37, 256
+    w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 4, (n, 1)))).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym, scale_dtype="float16")
+    p16 = lowbit.pack_weights(q, scale_dtype="float16")
+    assert p16.scales.dtype == np.float16 and p16.scale_dtype == "float16"
+    y16 = lowbit.matmul(x, p16, act_bits=act_bits)
+    np.testing.assert_array_equal(y16, lowbit.matmul(x, lowbit.pack_weights(q), act_bits=act_bits))
+    r, bound = ref.matmul(x, q.codes(), q.scales, q.zero_points, group, act_bits)
+    assert np.all(np.abs(y16 - r) <= bound)
+
+
+def test_float16_scales_dequantize_and_size(rng):
+    from lowbit import reference
+    from lowbit.matmul import dequantize_packed
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=4, group_size=32, scale_dtype="float16")
+    p16 = lowbit.pack_weights(q, scale_dtype="float16")
+    assert p16.bits_per_weight == 4.5                                    # llama.cpp Q4_0's size
+    assert lowbit.pack_weights(q).bits_per_weight == 5.0
+    got = dequantize_packed(p16)
+    np.testing.assert_array_equal(got, reference.dequantize_tiled(p16))
+    np.testing.assert_array_equal(got, q.dequantize())
+    # float32 scales packed as float16 round to nearest (the codes stay).
+    q32 = lowbit.quantize_array(w, bits=4, group_size=32)
+    r = lowbit.pack_weights(q32, scale_dtype="float16")
+    np.testing.assert_array_equal(r.scales, lowbit.pack_weights(q32).scales.astype(np.float16))
+    with pytest.raises(ValueError, match="scale_dtype"):
+        lowbit.pack_weights(q, scale_dtype="bfloat16")
+    with pytest.raises(TypeError, match="scales"):  # a hand-built PackedWeights with other scales
+        lowbit.PackedWeights(p16.data, p16.scales.astype(np.float64), None, p16.shape, 4, 32, True)

@@ -88,6 +88,13 @@
 //   weights x signed activations, 4 products summed per lane).
 //   Scales: float32 [Nt, ngroups, 16]; offsets off: int32 [Nt, ngroups, 16],
 //   stored for asymmetric weights only (symmetric: off = 2^(b-1) everywhere).
+//   Scale dtype: the scales may instead be IEEE float16 (little endian, same
+//   shape [Nt, ngroups, 16], finite). The layout version stays 1: the dtype of
+//   the scales array says which (a lowbit file records it per array). float16
+//   costs 16 / G bits per weight instead of 32 / G, so int4 groups of 32 take
+//   4.5 b/w, llama.cpp Q4_0's size. Quantizers that target float16 choose each
+//   scale, round it to float16 and then compute the codes with the rounded
+//   scale, so no precision is lost after the codes are chosen.
 //   Integer accumulation: |u * x| <= 255 * 127 per product, so a group's
 //   int32 sum cannot overflow for G <= 65536 (the kernels reject larger).
 //
@@ -102,6 +109,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace lowbit {
 
@@ -120,6 +128,25 @@ inline size_t PackedRowBytes(size_t k, int bits) { return (k * size_t(bits) + 7)
 inline int QMin(int bits, bool symmetric) { return symmetric ? -(1 << (bits - 1)) : 0; }
 inline int QMax(int bits, bool symmetric) {
   return symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+}
+
+// IEEE float16 bits -> float32 (exact: every float16 is a float32).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
+  const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24 is exact in float32
+    const float mag = static_cast<float>(man) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &mag, 4);
+  } else if (exp == 31) {
+    bits = 0x7F800000u | (man << 13);  // inf, or NaN with its payload
+  } else {
+    bits = ((exp + 112) << 23) | (man << 13);  // rebias 15 -> 127
+  }
+  bits |= sign;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 // The scale rules above, for a group whose range is [lo, hi]. Inline so that

@@ -88,7 +88,8 @@ struct TiledWeights {
   size_t group = 0;        // elements per group along K (== kp when one group per row)
   size_t ngroups = 0, tiles = 0;
   const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
-  const float* scales = nullptr;    // [tiles, ngroups, 16]
+  const float* scales = nullptr;    // [tiles, ngroups, 16] float32, or null when scales_f16 is set
+  const uint16_t* scales_f16 = nullptr;  // the same as IEEE float16 bits (formats.h "scale dtype")
   const int32_t* offsets = nullptr; // [tiles, ngroups, 16]; null: all 2^(bits-1) (symmetric)
   const float* bias = nullptr;      // [tiles * 16] (zero padded) added to every output row, or null
 };

@@ -46,7 +46,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
              symmetric: bool = True, activations: Optional[int] = None, method: str = "rtn",
              calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
              *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = False,
-             embeddings: Union[None, int, str] = "auto", heads: Optional[int] = 8) -> nn.Module:
+             embeddings: Union[None, int, str] = "auto", heads: Optional[int] = 8,
+             scale_dtype: str = "float32") -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
@@ -84,6 +85,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         of at least 2^20 weights, round to nearest; None keeps them in float.
         An embedding tied to a quantized head becomes a TiedQuantEmbedding that
         reads its rows from the head's tiles (one copy of the table, quantized).
+      scale_dtype: "float32" or "float16" for the scales of int8/int4 layers and
+        heads (2-bit layers keep float32): half the scale bytes, e.g. int4 groups of
+        32 at 4.5 bits/weight, llama.cpp Q4_0's size. Every method chooses its
+        codes under the rounded scales.
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -110,7 +115,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     if method not in DATA_FREE and calibration_data is None:
         raise ValueError(f"method={method!r} needs calibration_data")
     static = calibration_data is not None and activations == 8
-    QuantConfig(8, group_size, symmetric, activations)  # validates group_size / activations
+    QuantConfig(8, group_size, symmetric, activations, scale_dtype=scale_dtype)  # validates the settings
     targets, skipped = _select(model, include, exclude)
     names = {n for n, _ in targets}
     if isinstance(bits, dict):
@@ -124,8 +129,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         from .calibrate.data import batches
         data = batches(calibration_data, max_batches)
     if mixed:
-        candidates = [LayerPlan(4, group_size), LayerPlan(8, None)]
-        four = sum(m.weight.numel() * LayerPlan(4, layer_group(group_size, m.in_features, 4)).bits_per_weight(
+        candidates = [LayerPlan(4, group_size, scale_dtype), LayerPlan(8, None, scale_dtype)]
+        four = sum(m.weight.numel() * LayerPlan(4, layer_group(group_size, m.in_features, 4),
+                                                scale_dtype).bits_per_weight(
             m.in_features) for _, m in targets) / max(1, sum(m.weight.numel() for _, m in targets))
         if bits < four:
             # int2 only when the budget cannot be met at 4 bits: the greedy plan's
@@ -144,7 +150,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             if b is None:
                 skipped.append((name, "not in the bits map"))
                 continue
-            plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b))
+            plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b), scale_dtype)
         targets = [(n, m) for n, m in targets if n in plans]
     if progress:
         _report_groups(targets, plans, group_size)
@@ -153,12 +159,14 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         for name, mod in _progress(targets, progress):
             p = plans[name]
             _set_module(model, name, QuantLinear.from_linear(mod, QuantConfig(p.bits, p.group_size, symmetric,
-                                                                                 activations), method=method))
+                                                                                 activations,
+                                                                                 scale_dtype=p.scale_dtype),
+                                                             method=method))
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
                             act_order, progress)
     if heads is not None:
-        skipped = _quantize_heads(model, heads, activations, skipped, progress)
+        skipped = _quantize_heads(model, heads, activations, skipped, progress, scale_dtype)
     if embeddings == "auto":
         skipped += _quantize_embeddings(model, 8, _matcher(exclude, "exclude"), min_weights=LARGE_TABLE,
                                         report_small=False)
@@ -185,7 +193,8 @@ def _report_groups(targets: list, plans: dict, group_size: Optional[int]) -> Non
               f"layer{'s' if len(names) > 1 else ''} (e.g. {names[0]})", file=sys.stderr)
 
 
-def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, progress: bool) -> list:
+def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, progress: bool,
+                    scale_dtype: str = "float32") -> list:
     """Quantize the large output heads that _select left in float (groups of HEAD_GROUP);
     tie embeddings that shared a head's weight to its tiles. Returns the new skip list."""
     from .nn import TiedQuantEmbedding
@@ -201,7 +210,8 @@ def _quantize_heads(model: nn.Module, bits: int, activations, skipped: list, pro
         if why != "output head" or type(mod) is not nn.Linear or mod.weight.numel() < LARGE_TABLE:
             keep.append((name, why))
             continue
-        head = QuantLinear.from_linear(mod, QuantConfig(bits, HEAD_GROUP, True, activations))
+        head = QuantLinear.from_linear(mod, QuantConfig(bits, HEAD_GROUP, True, activations,
+                                                        scale_dtype=scale_dtype))
         _set_module(model, name, head)
         for emb_name, emb in owners.get(id(mod.weight), []):
             if emb.max_norm is None and not emb.sparse and emb.weight.shape == mod.weight.shape:

@@ -144,6 +144,7 @@ def _is_size(d) -> bool:
 
 
 U8, I32, F32 = np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
+F16 = np.dtype(np.float16)
 
 
 def _check_bits(bits) -> int:
@@ -174,11 +175,32 @@ def _scale_shape(rows: int, k: int, group_size: GroupSize) -> tuple:
 
 
 SCALE_METHODS = ("rtn", "mse")
+SCALE_DTYPES = ("float32", "float16")
+F16_MAX = 65504.0
+F16_TINY = float(np.float16(2.0 ** -24))  # the smallest positive float16 (subnormal)
+
+
+def _f16_scales(scales: np.ndarray) -> np.ndarray:
+    """float32 scales rounded to the nearest float16 value (returned as float32).
+    A nonzero scale below float16's smallest step keeps its sign and becomes that
+    step (its group's codes are then recomputed under it: tiny weights flush
+    towards 0, by at most 8 * 2^-24 per weight for int4); one beyond float16's
+    range is an error, since the group's values would not be representable."""
+    s = np.asarray(scales, np.float32)
+    big = np.abs(s) > F16_MAX
+    if big.any():
+        raise ValueError(f"scale_dtype='float16': a scale of {float(np.abs(s).max()):.4g} is beyond float16's "
+                         f"{F16_MAX:g} (weights this large need scale_dtype='float32')")
+    r = s.astype(np.float16).astype(np.float32)
+    lost = (r == 0) & (s != 0)
+    if lost.any():
+        r[lost] = np.copysign(np.float32(F16_TINY), s[lost])
+    return r
 
 
 def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
                    scale=None, zero_point=None, input_dtype=None, out: Optional[QArray] = None,
-                   method: str = "rtn", search_steps: int = 9) -> QArray:
+                   method: str = "rtn", search_steps: int = 9, scale_dtype: str = "float32") -> QArray:
     """Quantize a float array along its last axis.
 
     Args:
@@ -200,6 +222,12 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         error among 2 * search_steps + 1 candidates around the range rule's and
         their least-squares refinements; never worse than "rtn" in that error;
         csrc/lowbit/scale_search.cc). Same format and kernels either way.
+      scale_dtype: "float32" (default) or "float16": every scale is chosen as
+        usual, rounded to the nearest float16 (a nonzero one never to 0), and the
+        codes are then computed with the rounded scale, so ``pack_weights(q,
+        scale_dtype="float16")`` stores the scales in half the bytes without
+        further loss (int4 groups of 32: 4.5 bits/weight, llama.cpp Q4_0's size).
+        The QArray keeps them as float32 values that float16 represents exactly.
 
     NaN in x raises ValueError; +-inf saturates to the end codes.
 
@@ -230,7 +258,31 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         raise ValueError(f"method must be one of {SCALE_METHODS}, got {method!r}")
     if isinstance(search_steps, bool) or not isinstance(search_steps, (int, np.integer)) or not 0 <= search_steps <= 64:
         raise ValueError(f"search_steps must be an int in [0, 64], got {search_steps!r}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+    if scale_dtype == "float16" and scale is None:
+        # Choose the scales (and zero points) first, then re-quantize with them
+        # rounded to float16: the codes must be the nearest ones under the scale
+        # that is stored. Cheap: quantizing is ~1 ns per weight.
+        q = quantize_array(arr, bits, group_size, symmetric, input_dtype=input_dtype, method=method,
+                           search_steps=search_steps)
+        scales = _f16_scales(q.scales)
+        group = k if group_size in (None, "tensor") else group_size
+        zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+        _C.quantize_rows(x2, FLAG_OF[dname], bits, group, symmetric, group_size == "tensor", True,
+                         scales.reshape(-1), zps, q.packed)  # NaN was refused by the first pass
+        if out is None:
+            return QArray(q.packed, scales, q.zero_points, shape, bits, group_size, symmetric, dname)
+        _check_out(out, shape, bits, group_size, symmetric)
+        out.packed[...] = q.packed
+        out.scales[...] = scales.reshape(out.scales.shape)
+        if q.zero_points is not None:
+            out.zero_points[...] = q.zero_points
+        object.__setattr__(out, "dtype", dname)
+        return out
     given = scale is not None
+    if given and scale_dtype == "float16":
+        scale = _f16_scales(_given_scales(scale, sshape))
     if zero_point is not None and not given:
         raise ValueError("zero_point given without scale")
     if method == "mse" and given:

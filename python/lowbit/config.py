@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .arrays import SCALE_DTYPES
 from .matmul import KSTEP
 
 # int8 / int4 layers live in the matmul kernels' tiles; int2 layers in the packed
@@ -47,7 +48,9 @@ class QuantConfig:
     bits: weight bits (8 or 4). group_size: elements per scale along the input
     dimension (None: one scale per output row). symmetric: signed codes without a
     zero point. act_bits: None (float activations, weight-only) or 8 (per-token
-    int8 activations and integer kernels).
+    int8 activations and integer kernels). scale_dtype: "float32" or "float16"
+    (int8/int4 tiles only: half the scale bytes, e.g. int4 g32 at 4.5 bits/weight;
+    the codes are chosen under the rounded scales).
     """
 
     bits: int = 4
@@ -55,6 +58,7 @@ class QuantConfig:
     symmetric: bool = True
     act_bits: Optional[int] = None
     code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles)
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         if self.bits not in LAYER_BITS:
@@ -67,15 +71,19 @@ class QuantConfig:
             raise ValueError(f"activations must be None or 8, got {self.act_bits!r}")
         if self.code_bits is not None and (self.code_bits not in (2, 3, 4, 8) or self.code_bits > self.bits):
             raise ValueError(f"code_bits must be 2, 3, 4 or 8 and at most bits={self.bits}, got {self.code_bits!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.bits == 2 and self.scale_dtype != "float32":
+            raise ValueError("2-bit layers (packed rows) keep float32 scales")
 
     def for_features(self, in_features: int) -> "QuantConfig":
         """This config with the group size fitted to in_features (see fit_group)."""
         g = fit_group(self.group_size, in_features, GROUP_MULTIPLE[self.bits])
-        return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits)
+        return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits, self.scale_dtype)
 
     @property
     def label(self) -> str:
         cb = self.code_bits or self.bits
         w = f"W{cb}" + ("A8" if self.act_bits == 8 else "") + (f"(int{self.bits})" if cb != self.bits else "")
         g = "per-row" if self.group_size is None else f"g{self.group_size}"
-        return f"{w} {g}{'' if self.symmetric else ' asym'}"
+        return f"{w} {g}{'' if self.symmetric else ' asym'}{' f16-scales' if self.scale_dtype == 'float16' else ''}"

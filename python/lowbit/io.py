@@ -25,7 +25,8 @@ where the lowbit JSON is::
   {"format_version": 1, "layout": "tiled-v1", "writer": "lowbit <version>",
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
               "bits" (8, 4: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
-              "orig_dtype", "bias", "act_scale" (0: dynamic activations)}},
+              "orig_dtype", "bias", "act_scale" (0: dynamic activations),
+              "scale_dtype" (only when "float16": the tiles' scales are F16, formats.h)}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
 
@@ -124,7 +125,8 @@ def expected_packed_shapes(meta: dict) -> dict:
     kp = (k + step - 1) // step * step
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
     ngroups = 1 if meta["group_size"] is None else k // meta["group_size"]
-    shapes = {"data": ("U8", (tiles * (kp // step) * 64,)), "scales": ("F32", (tiles, ngroups, TILE_ROWS))}
+    sdt = "F16" if meta.get("scale_dtype", "float32") == "float16" else "F32"
+    shapes = {"data": ("U8", (tiles * (kp // step) * 64,)), "scales": (sdt, (tiles, ngroups, TILE_ROWS))}
     if not meta["symmetric"]:
         shapes["offsets"] = ("I32", (tiles, ngroups, TILE_ROWS))
     return shapes
@@ -186,6 +188,8 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
                                 bits=c.bits, code_bits=c.code_bits or c.bits, group_size=c.group_size, symmetric=c.symmetric, act_bits=c.act_bits,
                                 orig_dtype=str(mod.orig_dtype).replace("torch.", ""), bias=mod.bias is not None,
                                 act_scale=float(mod.act_scale))
+            if c.scale_dtype != "float32":  # only then: older readers refuse what they cannot run
+                layers[name]["scale_dtype"] = c.scale_dtype
             (second if c.bits == 2 else first).extend(f"{name}.{k}" if name else k
                                                       for k in ("data", "scales", "offsets"))
     state = model.state_dict()
@@ -426,8 +430,12 @@ def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] 
         return _check_embedding(where, name, m, tensors)
     if isinstance(m, dict) and m.get("module") == "TiedQuantEmbedding" and name:
         return _check_tied(where, m, layers or {})
-    if not isinstance(m, dict) or set(m) != _LAYER_FIELDS:
-        raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)}")
+    if not isinstance(m, dict) or set(m) - {"scale_dtype"} != _LAYER_FIELDS:
+        raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)} "
+                          f"(and optionally scale_dtype)")
+    if m.get("scale_dtype", "float32") not in ("float32", "float16") or \
+            (m.get("scale_dtype") == "float16" and m["bits"] == 2):
+        raise FormatError(f"{where}: scale_dtype must be float32, or float16 for int8/int4 layers")
     if m["module"] != "QuantLinear":
         raise FormatError(f"{where}: unknown module type {m['module']!r}")
     n, k = m["in_features"], m["out_features"]
@@ -607,7 +615,8 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                 raise ValueError(f"model.{name} must be a Linear({m['in_features']}, {m['out_features']}) "
                                  f"to take the file's layer, got {old!r}")
             cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"],
-                              None if m["code_bits"] == m["bits"] else m["code_bits"])
+                              None if m["code_bits"] == m["bits"] else m["code_bits"],
+                              m.get("scale_dtype", "float32"))
             replacements[name] = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
                                              dtype=getattr(torch, m["orig_dtype"]),
                                              has_input_scale=f"{name}.input_scale" in info.tensors)

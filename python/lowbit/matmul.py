@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _C
 from ._dtypes import float_input
-from .arrays import F32, I32, U8, QArray, _field, _is_size
+from .arrays import F16, F32, I32, SCALE_DTYPES, U8, QArray, _f16_scales, _field, _is_size
 from .floats import decode_float
 
 TILE_ROWS = 16
@@ -29,7 +29,7 @@ class PackedWeights:
     """A QArray [N, K] rearranged for the matmul kernels (formats.h, "tiled" v1)."""
 
     data: np.ndarray      # uint8 [tiles * Kp / kstep * 64]
-    scales: np.ndarray    # float32 [tiles, ngroups, 16]
+    scales: np.ndarray    # float32 or float16 [tiles, ngroups, 16] (formats.h "scale dtype")
     offsets: Optional[np.ndarray]  # int32 [tiles, ngroups, 16]; None when symmetric
     shape: tuple          # (N, K)
     bits: int
@@ -56,7 +56,7 @@ class PackedWeights:
         tiles = -(-n // TILE_ROWS)
         _field(self.data, "data", U8, (tiles * (self.kp // step) * 64,))
         groups = (tiles, 1 if g is None else k // g, TILE_ROWS)
-        _field(self.scales, "scales", F32, groups)
+        _field(self.scales, "scales", F16 if self.scales.dtype == F16 else F32, groups)
         if self.symmetric != (self.offsets is None):
             raise ValueError("PackedWeights.offsets must be None exactly when symmetric")
         if self.offsets is not None:
@@ -80,6 +80,10 @@ class PackedWeights:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
     @property
+    def scale_dtype(self) -> str:
+        return self.scales.dtype.name
+
+    @property
     def kp(self) -> int:
         step = KSTEP[self.bits]
         return (self.shape[1] + step - 1) // step * step
@@ -97,8 +101,13 @@ class PackedWeights:
         return f"PackedWeights(shape={self.shape}, int{self.bits}, {g}, {self.nbytes} bytes)"
 
 
-def pack_weights(q: QArray) -> PackedWeights:
+def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
     """Rearrange a 2-D int8/int4 QArray [N, K] into the matmul kernels' tiled layout.
+
+    scale_dtype: "float32" (default) or "float16" (half the scale bytes: int4 g32
+    takes 4.5 bits/weight instead of 5). float16 rounds each scale to nearest;
+    quantize with ``quantize_array(..., scale_dtype="float16")`` so the codes were
+    chosen under the rounded scales and nothing changes here.
 
     >>> import numpy as np, lowbit
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
@@ -112,6 +121,8 @@ def pack_weights(q: QArray) -> PackedWeights:
         raise ValueError(f"matmul weights must be 2-D [N, K], got shape {q.shape}")
     if q.bits not in KSTEP:
         raise ValueError(f"matmul supports bits=8 and bits=4 weights, got bits={q.bits}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
     n, k = q.shape
     step = KSTEP[q.bits]
     group = None if q.group_size in (None, "tensor") or q.group_size == k else int(q.group_size)
@@ -132,6 +143,8 @@ def pack_weights(q: QArray) -> PackedWeights:
     _C.pack_tiled(codes.view(np.uint8), q.bits, q.symmetric, k if group is None else group,
                   np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1),
                   None if toffs is None else toffs.reshape(-1))
+    if scale_dtype == "float16":
+        tscales = _f16_scales(tscales).astype(np.float16)
     return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric)
 
 

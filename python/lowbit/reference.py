@@ -123,10 +123,23 @@ def _grouping(shape, group_size):
     return rows, k, g
 
 
-def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=None, zero_point=None):
+def round_scales_f16(s: np.ndarray) -> np.ndarray:
+    """Scales as float16 stores them (formats.h "scale dtype"): nearest float16,
+    except that a nonzero scale never becomes 0 (it becomes +-2^-24)."""
+    s = np.asarray(s, np.float32)
+    r = s.astype(np.float16).astype(np.float32)
+    tiny = (r == 0) & (s != 0)
+    r[tiny] = np.copysign(np.float32(2.0 ** -24), s[tiny])
+    return r
+
+
+def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=None, zero_point=None,
+             scale_dtype="float32"):
     """Reference quantize_array: returns (packed, scales, zero_points or None).
 
     scales/zero points have shape [R, K // G] ([1] per tensor); given ones are used as is.
+    scale_dtype="float16": the range rule's scales are rounded (round_scales_f16)
+    before the codes are computed, the zero points kept.
     """
     x32 = _as_f32(x, dtype)
     rows, k, g = _grouping(x32.shape, group_size)
@@ -138,6 +151,8 @@ def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=
     if scale is None:
         lo, hi = group_range(groups)
         s, zp = choose_scale(lo, hi, bits, symmetric)
+        if scale_dtype == "float16":
+            s = round_scales_f16(s)
     else:
         s = np.asarray(scale, np.float32).reshape(groups.shape[:-1])
         zp = (np.zeros(s.shape, np.int32) if symmetric
@@ -441,7 +456,7 @@ def dequantize_tiled(w) -> np.ndarray:
         u = halves.reshape(tiles, kp // step, TILE_ROWS, 8).transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
     ngroups = w.scales.shape[1]
     per_row = lambda a: a.transpose(0, 2, 1).reshape(tiles * TILE_ROWS, ngroups)  # noqa: E731
-    scales = per_row(w.scales)
+    scales = per_row(w.scales).astype(np.float32)  # float16 scales widen exactly
     offs = (np.full(scales.shape, 1 << (w.bits - 1), np.int32) if w.offsets is None else per_row(w.offsets))
     g = kp if ngroups == 1 else w.group_size
     vals = (u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]).astype(np.float32) * scales[:, :, None]

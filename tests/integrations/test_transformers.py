@@ -98,17 +98,26 @@ def test_other_devices_and_foreign_checkpoints_are_refused(smollm2_path, quantiz
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=8, activations=8), dict(bits=4, group_size=32, symmetric=False,
-                                                                       method="mse")])
+                                                                       method="mse"),
+                                    dict(bits=4, group_size=32, scale_dtype="float16")])
 def test_other_formats_round_trip(smollm2_path, tmp_path, kwargs):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=LowbitConfig(
         **kwargs, modules_to_not_convert=["model.layers.0.mlp"]))
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     q = model.model.layers[1].self_attn.q_proj
     assert q.config.bits == kwargs["bits"] and q.config.act_bits == kwargs.get("activations")
+    scale_dtype = kwargs.get("scale_dtype", "float32")
+    assert q.config.scale_dtype == scale_dtype and q.scales.dtype == getattr(torch, scale_dtype)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert loaded.model.layers[1].self_attn.q_proj.scales.dtype == q.scales.dtype
     assert torch.equal(logits(loaded), logits(model))
+    if scale_dtype == "float16":  # lowbit's own folder reader too (the record's eighth entry)
+        from lowbit.io import hf_skeleton
+        again = lowbit.load(tmp_path, hf_skeleton(tmp_path))
+        assert torch.equal(logits(again), logits(model))
+        assert lowbit.summary(again)["bits_per_weight"] == lowbit.summary(model)["bits_per_weight"]
 
 
 def test_registration_on_import(tmp_path):

@@ -34,15 +34,21 @@ DATA_FREE = ("rtn", "mse")
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is quantized: code bits (3 and 2 run in int4 tiles), group size."""
+    """How one layer is quantized: code bits (3 and 2 run in int4 tiles), group size,
+    scale dtype (float16 for int8/int4 tiles only; 2-bit rows keep float32)."""
 
     bits: int
     group_size: Optional[int]
+    scale_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.bits == 2 and self.scale_dtype != "float32":
+            object.__setattr__(self, "scale_dtype", "float32")
 
     def bits_per_weight(self, k: int) -> float:
         storage = storage_bits(self.bits)
         g = k if self.group_size is None else self.group_size
-        return storage + 32.0 / g
+        return storage + (16.0 if self.scale_dtype == "float16" else 32.0) / g
 
 
 def layer_group(group_size: Optional[int], k: int, bits: int) -> Optional[int]:
@@ -75,8 +81,9 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
         k = w.shape[1]
         diffs = {}
         for c in candidates:
-            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits))
-            diffs[plan] = w - rtn(w, plan.bits, plan.group_size, symmetric).dequantize()
+            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
+            diffs[plan] = w - rtn(w, plan.bits, plan.group_size, symmetric,
+                                  scale_dtype=plan.scale_dtype).dequantize()
         acc[name] = {"ref": 0.0, **{p: 0.0 for p in diffs}}
 
         def hook(m, args, name=name, w=w, diffs=diffs):
@@ -106,9 +113,9 @@ def weight_sensitivities(targets: list, candidates: list, symmetric: bool, metho
         ref = float(np.square(w, dtype=np.float64).sum())
         out[name] = {}
         for c in candidates:
-            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits))
+            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
             q = quantize_array(w, bits=plan.bits, group_size=plan.group_size, symmetric=symmetric or plan.bits == 2,
-                               method=method)
+                               method=method, scale_dtype=plan.scale_dtype)
             d = dequantize_array(q) - w
             out[name][plan] = float(np.square(d, dtype=np.float64).sum()) / max(ref, 1e-30)
     return out
@@ -321,15 +328,17 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
     w = mod.weight.detach().float()
     if method == "gptq":
         factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
-        q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor)
+        q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor,
+                 scale_dtype=plan.scale_dtype)
     elif method == "awq":
-        q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric)
+        q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
     elif method == "mse":
-        q = mse(w, plan.bits, plan.group_size, symmetric)
+        q = mse(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
     else:
-        q = rtn(w, plan.bits, plan.group_size, symmetric)
+        q = rtn(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
     storage = storage_bits(plan.bits)
-    cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits)
+    cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits,
+                      scale_dtype=plan.scale_dtype)
     new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
     if static:
         if observer == "minmax" and q.input_scale is None:

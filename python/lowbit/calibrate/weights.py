@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import _C
+from ..arrays import _f16_scales
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -54,8 +55,19 @@ def qrange(bits: int, symmetric: bool) -> tuple:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
 
 
-def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: Optional[torch.Tensor] = None) -> tuple:
-    """lowbit's scale rule over the last axis of w [..., G] (optionally shrunk by clip [...])."""
+def round_scales(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """scale as the layer will store it: float32 as is, or rounded to float16
+    (arrays._f16_scales: nearest, a nonzero scale never to 0). Rounding before the
+    codes are chosen keeps every code the nearest under the stored scale."""
+    if scale_dtype == "float32":
+        return scale
+    return torch.from_numpy(_f16_scales(scale.detach().float().cpu().numpy()))
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: Optional[torch.Tensor] = None,
+                 scale_dtype: str = "float32") -> tuple:
+    """lowbit's scale rule over the last axis of w [..., G] (optionally shrunk by clip [...]),
+    the scales rounded to ``scale_dtype``."""
     w = w.float()
     fin = torch.isfinite(w)
     lo = torch.where(fin, w, 0.0).amin(-1).clamp(max=0)
@@ -75,7 +87,7 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: Optional[tor
     scale = torch.where(degenerate, torch.zeros_like(scale), scale)
     if zp is not None:
         zp = torch.where(degenerate, torch.zeros_like(zp), zp)
-    return scale, zp
+    return round_scales(scale, scale_dtype), zp
 
 
 def quant_codes(w: torch.Tensor, scale: torch.Tensor, zp: Optional[torch.Tensor], bits: int,
@@ -95,21 +107,22 @@ def _grouped(w: torch.Tensor, group: Optional[int]) -> torch.Tensor:
 
 
 def rtn(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True,
-        clip: Optional[torch.Tensor] = None) -> QuantizedWeight:
+        clip: Optional[torch.Tensor] = None, scale_dtype: str = "float32") -> QuantizedWeight:
     """Round to nearest (clip: optional per-(row, group) shrink of the range)."""
     wg = _grouped(w.float(), group)
-    scale, zp = group_params(wg, bits, symmetric, clip)
+    scale, zp = group_params(wg, bits, symmetric, clip, scale_dtype)
     codes = quant_codes(wg, scale, zp, bits, symmetric)
     return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
 
 
-def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True, steps: int = 9) -> QuantizedWeight:
+def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True, steps: int = 9,
+        scale_dtype: str = "float32") -> QuantizedWeight:
     """Data-free error-minimising scales (csrc/lowbit/scale_search.cc), then the codes they give."""
     w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
     n, k = w32.shape
     g = k if group is None else group
     s, z = _C.search_scales(w32, bits, g, symmetric, steps)  # 3-bit codes: searched on the 3-bit grid
-    scale = torch.from_numpy(s.reshape(n, k // g))
+    scale = round_scales(torch.from_numpy(s.reshape(n, k // g)), scale_dtype)
     zp = None if symmetric else torch.from_numpy(z.reshape(n, k // g).astype(np.float32))
     wg = _grouped(w.float(), group)
     codes = quant_codes(wg, scale, zp, bits, symmetric)
@@ -117,7 +130,7 @@ def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
 
 
 def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optional[int], symmetric: bool,
-                ratios=None) -> torch.Tensor:
+                ratios=None, scale_dtype: str = "float32") -> torch.Tensor:
     """Per (row, group) range shrink minimising the activation-weighted error
     sum_j E[x_j^2] (w_j - q_j)^2 (the output error under independent inputs)."""
     ratios = torch.linspace(1.0, 0.55, 19) if ratios is None else ratios
@@ -127,7 +140,7 @@ def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optiona
     best_err = torch.full(wg.shape[:2], float("inf"))
     for r in ratios:
         clip = torch.full(wg.shape[:2], float(r))
-        scale, zp = group_params(wg, bits, symmetric, clip)
+        scale, zp = group_params(wg, bits, symmetric, clip, scale_dtype)
         q = quant_codes(wg, scale, zp, bits, symmetric).float()
         deq = (q - (0 if zp is None else zp[..., None])) * scale[..., None]
         err = ((deq - wg) ** 2 * hg).sum(-1)
@@ -178,8 +191,8 @@ _columns = _C.gptq_columns
 
 
 def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[int], symmetric: bool = True,
-         act_order: bool = False, damp: float = 0.01, block: int = 32, factor: Optional[tuple] = None
-         ) -> QuantizedWeight:
+         act_order: bool = False, damp: float = 0.01, block: int = 32, factor: Optional[tuple] = None,
+         scale_dtype: str = "float32") -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each
     column's error onto the columns not yet quantized, weighted by the inverse
     Hessian H = E[x x^T] of the layer's inputs (through its Cholesky factor).
@@ -198,7 +211,7 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     W[:, dead] = 0
     static = None
     if act_order or group is None:
-        static = group_params(_grouped(W.float(), group), bits, symmetric)
+        static = group_params(_grouped(W.float(), group), bits, symmetric, scale_dtype=scale_dtype)
     identity = bool(torch.equal(perm, torch.arange(k)))  # no act_order: no permuted copies
     if not identity:
         W = W[:, perm]
@@ -243,7 +256,8 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
         else:  # a group's scales come from its columns as the block's updates left them
             for c in range(0, b, g):
                 gi = (i1 + c) // g
-                s, z = group_params(torch.from_numpy(wt[c:c + g].T).float(), bits, symmetric)
+                s, z = group_params(torch.from_numpy(wt[c:c + g].T).float(), bits, symmetric,
+                                    scale_dtype=scale_dtype)
                 scales[:, gi] = s
                 scales_t[gi] = s.numpy()
                 if zps is not None:
@@ -258,7 +272,7 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
 
 
 def awq(w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group: Optional[int],
-        symmetric: bool = True, grid: int = 20) -> QuantizedWeight:
+        symmetric: bool = True, grid: int = 20, scale_dtype: str = "float32") -> QuantizedWeight:
     """AWQ-style (Lin et al. 2023): scale input channel j of the weight by
     s_j = mean|x_j|^alpha (alpha searched on a grid to minimise the output error on
     the sample x), so salient channels get finer steps; the layer multiplies its
@@ -273,14 +287,14 @@ def awq(w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, gro
         alpha = i / grid
         s = am.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        q = rtn(w * s, bits, group, symmetric)
+        q = rtn(w * s, bits, group, symmetric, scale_dtype=scale_dtype)
         err = float(((x @ (q.dequantize() / s).T) - ref).pow(2).mean())
         if err < best_err:
             best, best_err = s, err
     s = best
     ws = w * s
-    clip = clip_search(ws, h_diag / (s * s), bits, group, symmetric)
-    q = rtn(ws, bits, group, symmetric, clip)
+    clip = clip_search(ws, h_diag / (s * s), bits, group, symmetric, scale_dtype=scale_dtype)
+    q = rtn(ws, bits, group, symmetric, clip, scale_dtype)
     q.input_scale = (1.0 / s).float()
     return q
 

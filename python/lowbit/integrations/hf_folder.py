@@ -6,9 +6,10 @@ What such a folder holds:
   * config.json: the model's config with ``quantization_config`` =
     LowbitConfig.to_dict(), whose ``layers`` maps each quantized module name to a
     record ``[bits, group_size, symmetric, act_bits, code_bits, has_input_scale,
-    act_scale]`` (bits 8/4/2 is the storage, code_bits the codes' precision).
+    act_scale]`` (bits 8/4/2 is the storage, code_bits the codes' precision),
+    with an eighth entry "float16" when the layer's scales are float16.
   * *.safetensors (one file or shards): for a quantized layer ``{name}.data``
-    (U8 tiles), ``{name}.scales`` (F32) and, asymmetric, ``{name}.offsets`` (I32),
+    (U8 tiles), ``{name}.scales`` (F32, or F16 per the record) and, asymmetric, ``{name}.offsets`` (I32),
     in the tiled-v1 layout of csrc/lowbit/formats.h exactly as QuantLinear holds
     them (io.expected_packed_shapes gives the shapes), plus ``input_scale`` (F32,
     AWQ) and ``bias`` when present; every other tensor as transformers writes it.
@@ -35,8 +36,11 @@ RECORD_FIELDS = ("bits", "group_size", "symmetric", "act_bits", "code_bits", "ha
 def layer_record(mod) -> list:
     """The config.json record of one quantized layer (RECORD_FIELDS)."""
     c = mod.config
-    return [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
-            float(mod.act_scale)]
+    record = [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
+              float(mod.act_scale)]
+    # Only float16 scales add the entry: folders of float32 layers stay readable
+    # by earlier lowbit versions, which refuse what they could not run.
+    return record + ([c.scale_dtype] if c.scale_dtype != "float32" else [])
 
 
 def placeholder(linear, record: list):
@@ -47,11 +51,12 @@ def placeholder(linear, record: list):
 
     from ..config import QuantConfig
     from ..nn import QuantLinear
-    if not isinstance(record, (list, tuple)) or len(record) != len(RECORD_FIELDS):
-        raise FormatError(f"a layer record must be {list(RECORD_FIELDS)}, got {record!r}")
-    bits, group, symmetric, act_bits, code_bits, has_input_scale, act_scale = record
+    if not isinstance(record, (list, tuple)) or len(record) not in (len(RECORD_FIELDS), len(RECORD_FIELDS) + 1):
+        raise FormatError(f"a layer record must be {list(RECORD_FIELDS)} (+ scale dtype), got {record!r}")
+    bits, group, symmetric, act_bits, code_bits, has_input_scale, act_scale = record[:len(RECORD_FIELDS)]
+    scale_dtype = record[len(RECORD_FIELDS)] if len(record) > len(RECORD_FIELDS) else "float32"
     try:
-        cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits)
+        cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits, scale_dtype)
     except (TypeError, ValueError) as e:
         raise FormatError(f"bad layer record {record!r}: {e}") from None
     with torch.device("meta"):

@@ -53,7 +53,7 @@ from ..nn import QuantLinear
 from .hf_folder import layer_record, placeholder
 
 METHOD = "lowbit"
-_FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert")
+_FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert", "scale_dtype")
 
 
 class LowbitConfig(QuantizationConfigMixin):
@@ -69,14 +69,17 @@ class LowbitConfig(QuantizationConfigMixin):
       method: "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
       modules_to_not_convert: module names kept in float (added to transformers'
         default: the output head and tied weights).
+      scale_dtype: "float32" or "float16" (int8/int4 layers: half the scale
+        bytes; int4 groups of 32 at 4.5 bits/weight).
       layers: filled when a model is quantized: {name: [bits, group_size,
-        symmetric, act_bits, code_bits, has_input_scale, act_scale]} so a
-        pre-quantized checkpoint rebuilds the exact layers.
+        symmetric, act_bits, code_bits, has_input_scale, act_scale(, "float16")]}
+        so a pre-quantized checkpoint rebuilds the exact layers.
     """
 
     def __init__(self, bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True,
                  activations: Optional[int] = None, method: str = "rtn",
-                 modules_to_not_convert: Optional[list] = None, layers: Optional[dict] = None, **kwargs):
+                 modules_to_not_convert: Optional[list] = None, layers: Optional[dict] = None,
+                 scale_dtype: str = "float32", **kwargs):
         if isinstance(bits, bool) or bits not in (8, 4, 3, 2):
             raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
@@ -89,11 +92,13 @@ class LowbitConfig(QuantizationConfigMixin):
         if method not in DATA_FREE:
             raise ValueError(f"method must be one of {DATA_FREE} while loading (calibrated methods: "
                              f"lowbit.quantize(model, method=..., calibration_data=...)), got {method!r}")
+        if scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
         if modules_to_not_convert is not None and (isinstance(modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in modules_to_not_convert)):
             raise TypeError("modules_to_not_convert must be a list of module names")
         values = dict(quant_method=METHOD, bits=bits, group_size=group_size, symmetric=symmetric,
-                      activations=activations, method=method,
+                      activations=activations, method=method, scale_dtype=scale_dtype,
                       modules_to_not_convert=None if modules_to_not_convert is None else list(modules_to_not_convert),
                       layers=None if layers is None else {str(k): list(v) for k, v in dict(layers).items()})
         for key, value in values.items():
@@ -164,7 +169,8 @@ class LowbitHfQuantizer(HfQuantizer):
         targets, _ = _select(model, None, self._excluded, devices=("cpu", "meta"))
         storage = storage_bits(cfg.bits)  # 3-bit codes live in int4 tiles
         self._plans = {name: QuantConfig(storage, layer_group(cfg.group_size, mod.in_features, cfg.bits),
-                                         cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits)
+                                         cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits,
+                                         cfg.scale_dtype if storage != 2 else "float32")
                        for name, mod in targets}
         return model
 
@@ -202,6 +208,7 @@ class LowbitHfQuantizer(HfQuantizer):
             from ..api import quantize
             quantize(model, bits=3, group_size=cfg.group_size, symmetric=cfg.symmetric, activations=cfg.activations,
                      method=cfg.method, include=lambda name, mod: name in self._plans, heads=None,
+                     scale_dtype=cfg.scale_dtype,
                      embeddings=None, progress=False)
         layers = {name: layer_record(mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
         self.quantization_config = cfg.with_layers(layers)

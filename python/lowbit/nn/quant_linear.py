@@ -26,7 +26,7 @@ def _eager_inference(x: torch.Tensor, bias) -> bool:
 
 
 # safetensors dtype names of the stored layout (io.expected_packed_shapes) -> torch.
-_TORCH_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "I32": torch.int32}
+_TORCH_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "I32": torch.int32}
 
 _warned_int2 = False
 _checked_threads = False
@@ -74,7 +74,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.config = config.for_features(in_features)
         self.register_buffer("data", torch.empty(0, dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty(0, dtype=torch.float32))
+        self.register_buffer("scales", torch.empty(0, dtype=getattr(torch, self.config.scale_dtype)))
         # Zero points exist only for asymmetric codes; an empty placeholder keeps the
         # state-dict keys fixed by the config (lowbit.load fills it).
         self.register_buffer("offsets", None if self.config.symmetric else torch.empty(0, dtype=torch.int32))
@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
-                                  symmetric=c.symmetric, method=method))
+                                  symmetric=c.symmetric, method=method, scale_dtype=c.scale_dtype))
         mod._copy_bias(linear.bias)
         return mod
 
@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
         if self.config.bits == 2:
             self.data, self.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             return
-        pw = pack_weights(q)
+        pw = pack_weights(q, self.config.scale_dtype)
         self.data = torch.from_numpy(pw.data)
         self.scales = torch.from_numpy(pw.scales)
         self.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
@@ -144,7 +144,8 @@ class QuantLinear(nn.Module):
         from ..io import expected_packed_shapes
         c = self.config
         want = expected_packed_shapes(dict(out_features=self.out_features, in_features=self.in_features,
-                                           bits=c.bits, group_size=c.group_size, symmetric=c.symmetric))
+                                           bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
+                                           scale_dtype=c.scale_dtype))
         return {part: (_TORCH_DTYPES[dt], shape) for part, (dt, shape) in want.items()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -253,7 +254,8 @@ class QuantLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        n = self.data.numel() + 4 * self.scales.numel() + (0 if self.offsets is None else 4 * self.offsets.numel())
+        n = self.data.numel() + self.scales.numel() * self.scales.element_size() + \
+            (0 if self.offsets is None else 4 * self.offsets.numel())
         n += 0 if self.input_scale is None else 4 * self.input_scale.numel()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 

@@ -1,0 +1,144 @@
+"""float16 scales (formats.h "scale dtype"): quantize_array rounds the scales before
+choosing codes, every layer type and method stores them in half the bytes, and the
+files and folders that hold them load back bit for bit."""
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit import reference as ref
+from lowbit.calibrate import weights as W
+from lowbit.config import QuantConfig
+from lowbit.nn import QuantLinear
+
+
+def _weights(rng, n=48, k=256):
+    # Rows of very different magnitude: scales from 1e-4 to 1e2.
+    return (rng.standard_normal((n, k)) * np.exp(rng.uniform(-7, 5, (n, 1)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (8, None, True), (2, 32, True),
+                                            (8, "tensor", False)])
+def test_quantize_array_matches_its_spec(target, rng, bits, group, sym):
+    w = _weights(rng)
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym, scale_dtype="float16")
+    packed, scales, zps = ref.quantize(w, bits, group, sym, scale_dtype="float16")
+    np.testing.assert_array_equal(q.scales.reshape(-1), scales.reshape(-1))
+    np.testing.assert_array_equal(q.packed, packed)
+    if not sym:
+        np.testing.assert_array_equal(q.zero_points.reshape(-1), zps.reshape(-1))
+    assert np.array_equal(q.scales, q.scales.astype(np.float16).astype(np.float32))  # representable
+    if not sym:  # the codes are the nearest under the stored scales: requantizing with them changes nothing
+        again = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym, scale=q.scales,
+                                      zero_point=q.zero_points)
+        np.testing.assert_array_equal(again.packed, q.packed)
+
+
+def test_float16_error_is_close_to_float32(rng):
+    w = _weights(rng, 64, 512)
+    for method in ("rtn", "mse"):
+        e32 = np.square(lowbit.quantize_array(w, bits=4, group_size=32, method=method).dequantize() - w).sum()
+        e16 = np.square(lowbit.quantize_array(w, bits=4, group_size=32, method=method,
+                                              scale_dtype="float16").dequantize() - w).sum()
+        assert e32 <= e16 <= 1.01 * e32 or e16 < e32  # rounding a scale by <= 2^-11 moves the error little
+
+
+def test_extreme_scales(rng):
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    tiny = w * 1e-9                                 # range-rule scales below float16's smallest step
+    q = lowbit.quantize_array(tiny, bits=4, group_size=32, scale_dtype="float16")
+    assert np.all(np.abs(q.scales) == np.float32(2.0 ** -24))
+    assert np.abs(q.dequantize() - tiny).max() <= 8 * 2.0 ** -24
+    zero = np.zeros((2, 64), np.float32)
+    assert np.all(lowbit.quantize_array(zero, bits=4, group_size=32, scale_dtype="float16").scales == 0)
+    with pytest.raises(ValueError, match="float16"):
+        lowbit.quantize_array(w * 1e6, bits=4, group_size=32, scale_dtype="float16")
+    with pytest.raises(ValueError, match="scale_dtype"):
+        lowbit.quantize_array(w, bits=4, scale_dtype="half")
+    out = lowbit.quantize_array(w, bits=4, group_size=32)
+    lowbit.quantize_array(w * 2, bits=4, group_size=32, scale_dtype="float16", out=out)
+    np.testing.assert_array_equal(out.packed, lowbit.quantize_array(w * 2, bits=4, group_size=32,
+                                                                    scale_dtype="float16").packed)
+
+
+def test_config_and_layer(rng):
+    with pytest.raises(ValueError, match="scale_dtype"):
+        QuantConfig(4, 32, scale_dtype="bfloat16")
+    with pytest.raises(ValueError, match="2-bit"):
+        QuantConfig(2, 32, scale_dtype="float16")
+    lin = torch.nn.Linear(512, 96)
+    q16 = QuantLinear.from_linear(lin, QuantConfig(4, 32, scale_dtype="float16"))
+    q32 = QuantLinear.from_linear(lin, QuantConfig(4, 32))
+    assert q16.scales.dtype == torch.float16 and "f16-scales" in q16.config.label
+    assert q16.nbytes - lin.bias.numel() * 4 == 96 * 512 * 4.5 / 8
+    assert q32.nbytes - q16.nbytes == q16.scales.numel() * 2
+    x = torch.randn(5, 512)
+    expect = x @ q16.dequantized_weight().T + lin.bias
+    torch.testing.assert_close(q16(x), expect, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(q16(x), q32(x), rtol=0.02, atol=0.02 * float(q32(x).abs().max()))
+    x.requires_grad_(True)
+    q16(x).sum().backward()                          # the input gradient reads float16 scales too
+    torch.testing.assert_close(x.grad, q16.dequantized_weight().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256),
+                               torch.nn.GELU(), torch.nn.Linear(256, 128))
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse", "gptq", "awq"])
+def test_every_method_stores_float16_scales_it_chose_codes_for(method):
+    model = _mlp()
+    data = [torch.randn(16, 256) for _ in range(4)]
+    kw = dict(calibration_data=data) if method in ("gptq", "awq") else {}
+    lowbit.quantize(model, bits=4, group_size=32, method=method, scale_dtype="float16", progress=False, **kw)
+    s = lowbit.summary(model)
+    assert all("f16-scales" in r["config"] for r in s["layers"])
+    extra = sum(32 * m.in_features for m in model if isinstance(m, QuantLinear) and m.input_scale is not None)
+    assert s["bits_per_weight"] == pytest.approx(4.5 + extra / sum(r["shape"][0] * r["shape"][1]
+                                                                   for r in s["layers"]))  # AWQ: + input scales
+    for mod in model:
+        if isinstance(mod, QuantLinear):
+            assert mod.scales.dtype == torch.float16
+            assert torch.isfinite(mod.scales.float()).all()
+
+
+def test_calibrated_weights_round_before_coding():
+    torch.manual_seed(1)
+    w = torch.randn(32, 128)
+    x = torch.randn(256, 128)
+    h = x.T @ x / x.shape[0]
+    for q in (W.rtn(w, 4, 32, scale_dtype="float16"), W.gptq(w, h, 4, 32, scale_dtype="float16"),
+              W.mse(w, 4, 32, scale_dtype="float16")):
+        assert torch.equal(q.scales, q.scales.half().float())
+    # RTN under the rounded scales is exactly the nearest code.
+    q = W.rtn(w, 4, 32, scale_dtype="float16")
+    wg = w.reshape(32, 4, 32)
+    codes = torch.clamp(torch.round(wg / q.scales[..., None]), -8, 7).to(torch.int32)
+    assert torch.equal(q.codes.reshape(32, 4, 32), codes)
+
+
+def test_budget_counts_float16_scales(rng):
+    model = _mlp()
+    lowbit.quantize(model, bits=5.0, group_size=32, scale_dtype="float16", progress=False)
+    s = lowbit.summary(model)
+    assert 4.5 < s["bits_per_weight"] <= 5.0 + 1e-9
+    assert any("W8" in r["config"] for r in s["layers"])  # 4.5 b/w at int4 leaves room for int8 somewhere
+
+
+def test_save_load_and_stream_round_trip(tmp_path):
+    model = _mlp()
+    lowbit.quantize(model, bits=4, group_size=32, scale_dtype="float16", progress=False)
+    x = torch.randn(3, 256)
+    expect = model(x)
+    path = tmp_path / "m.safetensors"
+    lowbit.save(model, path)
+    for stream in (False, True):
+        again = lowbit.load(path, _mlp(), stream=stream)
+        assert again[0].scales.dtype == torch.float16
+        assert torch.equal(again(x), expect)
+    info = lowbit.io.read_info(path)
+    assert info.linear_layers["0"]["scale_dtype"] == "float16"
+    assert info.tensors["0.scales"].dtype == "F16"

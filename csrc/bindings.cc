@@ -22,7 +22,7 @@ namespace {
 [[noreturn]] void Fail(const std::string& msg) { throw py::value_error(msg); }
 
 // Element kinds a buffer may hold.
-enum class Kind { kF32, kF16, kU16, kU8, kI32, kF64 };
+enum class Kind { kF32, kF16, kU16, kU8, kI8, kI32, kF64 };
 
 bool HasKind(const py::array& a, Kind kind) {
   const py::dtype dt = a.dtype();
@@ -31,6 +31,7 @@ bool HasKind(const py::array& a, Kind kind) {
     case Kind::kF16: return dt.kind() == 'f' && dt.itemsize() == 2;
     case Kind::kU16: return dt.is(py::dtype::of<uint16_t>());
     case Kind::kU8: return dt.is(py::dtype::of<uint8_t>());
+    case Kind::kI8: return dt.is(py::dtype::of<int8_t>());
     case Kind::kI32: return dt.is(py::dtype::of<int32_t>());
     case Kind::kF64: return dt.is(py::dtype::of<double>());
   }
@@ -43,6 +44,7 @@ const char* KindName(Kind kind) {
     case Kind::kF16: return "float16";
     case Kind::kU16: return "uint16";
     case Kind::kU8: return "uint8";
+    case Kind::kI8: return "int8";
     case Kind::kI32: return "int32";
     case Kind::kF64: return "float64";
   }
@@ -333,7 +335,8 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
 // all re-validated here so a hand-built or corrupted object cannot make a
 // kernel read out of bounds.
 lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py::array& data,
-                           const py::array& scales, const py::object& offsets_obj) {
+                           const py::array& scales, const py::object& offsets_obj,
+                           const py::object& row_scales_obj = py::none()) {
   if (bits != 4 && bits != 8) Fail("bits must be 4 or 8 for matmul, got " + std::to_string(bits));
   if (n == 0 || k == 0) Fail("weights must not be empty");
   if (group == 0 || k % group != 0) Fail("group_size must divide K");
@@ -349,14 +352,21 @@ lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py:
     Fail("group_size must be a multiple of " + std::to_string(step) + " for " + std::to_string(bits) + "-bit matmul");
   w.tiles = (n + lowbit::kTileRows - 1) / lowbit::kTileRows;
   CheckFlat(data, "data", Kind::kU8, w.tiles * (w.kp / step) * lowbit::kBlockBytes, false);
-  // float32 or float16 scales (formats.h "scale dtype"); finiteness is checked
-  // where they are made or loaded, not per call (a non-finite scale gives
-  // non-finite outputs, never an out-of-bounds read).
-  const bool half = HasKind(scales, Kind::kF16);
-  CheckFlat(scales, "scales", half ? Kind::kF16 : Kind::kF32, w.tiles * w.ngroups * lowbit::kTileRows, false);
+  // float32, float16 or int8-coded scales (formats.h "scale dtype");
+  // finiteness is checked where they are made or loaded, not per call (a
+  // non-finite scale gives non-finite outputs, never an out-of-bounds read).
+  const Kind kind = HasKind(scales, Kind::kF16) ? Kind::kF16 : HasKind(scales, Kind::kI8) ? Kind::kI8 : Kind::kF32;
+  CheckFlat(scales, "scales", kind, w.tiles * w.ngroups * lowbit::kTileRows, false);
+  if ((kind == Kind::kI8) == row_scales_obj.is_none())
+    Fail("row_scales must be given exactly when the scales are int8 codes");
   w.data = static_cast<const uint8_t*>(data.data());
-  if (half) {
+  if (kind == Kind::kF16) {
     w.scales_f16 = static_cast<const uint16_t*>(scales.data());
+  } else if (kind == Kind::kI8) {
+    const py::array row_scales = row_scales_obj.cast<py::array>();
+    CheckFlat(row_scales, "row_scales", Kind::kF32, w.tiles * lowbit::kTileRows, false);
+    w.scale_codes = static_cast<const int8_t*>(scales.data());
+    w.row_scales = static_cast<const float*>(row_scales.data());
   } else {
     w.scales = static_cast<const float*>(scales.data());
   }
@@ -410,8 +420,8 @@ void CheckOut(const py::array& out, size_t m, size_t n) {
 }
 
 void DequantizeTiled(int bits, size_t n, size_t k, size_t group, const py::array& data, const py::array& scales,
-                     const py::object& offsets, py::array out) {
-  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets);
+                     const py::object& offsets, py::array out, const py::object& row_scales) {
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets, row_scales);
   CheckOut(out, n, k);
   float* o = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
@@ -441,8 +451,8 @@ struct MatmulCall {
 // x must have K columns, or Kp (K padded to the k-step) when padded_x.
 void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, size_t n, size_t k, size_t group,
                    const py::array& data, const py::array& scales, const py::object& offsets, py::array& out,
-                   const py::object& bias) {
-  c.w = Tiled(bits, n, k, group, data, scales, offsets);
+                   const py::object& bias, const py::object& row_scales) {
+  c.w = Tiled(bits, n, k, group, data, scales, offsets, row_scales);
   c.bias = PaddedBias(bias, c.w);
   if (!c.bias.empty()) c.w.bias = c.bias.data();
   c.x_stride = CheckRows(x, "x", Kind::kF32, false);
@@ -457,10 +467,10 @@ void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, s
 
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
-                    const py::object& bias, float act_scale) {
+                    const py::object& bias, float act_scale, const py::object& row_scales) {
   if (!(act_scale >= 0.0f) || act_scale > 3.0e38f) Fail("act_scale must be finite and >= 0 (0: dynamic)");
   MatmulCall c;
-  PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias);
+  PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias, row_scales);
   std::vector<int8_t> xq(c.m * c.w.kp);
   std::vector<float> xs(c.m);
   std::vector<int32_t> xsum(c.m * c.w.ngroups);
@@ -474,9 +484,9 @@ bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t gro
 
 void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
-                    const py::object& bias) {
+                    const py::object& bias, const py::object& row_scales) {
   MatmulCall c;
-  PrepareMatmul(c, x, true, bits, n, k, group, data, scales, offsets, out, bias);
+  PrepareMatmul(c, x, true, bits, n, k, group, data, scales, offsets, out, bias, row_scales);
   py::gil_scoped_release release;
   lowbit::MatmulFloatAct(c.x, c.m, c.x_stride, c.w, c.out, n);
 }
@@ -523,6 +533,7 @@ PYBIND11_MODULE(_C, m) {
         "Quantize rows of x into packed codes; returns False if x held NaN.");
   m.def("dequantize_tiled", &DequantizeTiled, py::arg("bits"), py::arg("n"), py::arg("k"), py::arg("group"),
         py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
+        py::arg("row_scales").none(true) = py::none(),
         "Float32 values [N, K] of tiled weights (the inverse of pack_tiled, scales applied).");
   m.def("gptq_columns", &GptqColumns, py::arg("wt"), py::arg("hinv"), py::arg("c0"), py::arg("c1"),
         py::arg("scales"), py::arg("zps").none(true), py::arg("groups"), py::arg("qmin"), py::arg("qmax"),
@@ -585,10 +596,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
         py::arg("bias").none(true) = py::none(), py::arg("act_scale") = 0.0f,
+        py::arg("row_scales").none(true) = py::none(),
         "int8 activations (per token, or one static act_scale) x tiled weights; returns False if x held NaN.");
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
-        py::arg("bias").none(true) = py::none());
+        py::arg("bias").none(true) = py::none(), py::arg("row_scales").none(true) = py::none());
   // Residency of memory-mapped weights (stream.py calls these on its own file
   // mappings only: DONTNEED on anonymous memory would zero it).
   m.def("prefetch_pages", [](const py::array& a) { return OnMappedRange(a, "prefetch_pages", lowbit::PrefetchPages); },

@@ -216,26 +216,54 @@ def test_dequantize_packed_matches_its_spec_and_the_qarray(rng, bits, group, sym
 
 
 # ------------------------------------------------ float16 scales (formats.h "scale dtype")
-F16_FORMATS = [(4, 32, True), (4, 32, False), (4, None, True), (8, 64, True), (8, None, False)]
+F16_FORMATS = [(4, 32, True), (4, 32, False), (4, 16, True), (4, None, True), (8, 64, True), (8, None, False)]
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "int8"])
 @pytest.mark.parametrize("act_bits", [None, 8], ids=["w_only", "a8"])
 @pytest.mark.parametrize("bits,group,sym", F16_FORMATS, ids=[f"int{b}-{g}-{'s' if s else 'a'}" for b, g, s in F16_FORMATS])
 @pytest.mark.parametrize("m", [1, 7, 64])
-def test_float16_scales_match_the_reference_and_float32_tiles(dot_path, rng, m, bits, group, sym, act_bits):
-    # Every kernel path reads float16 scales: the result must be the float32
-    # tiles' result bit for bit (the scales are the same values), and within the
-    # reference's bound of the exact product.
+def test_narrow_scales_match_the_reference_and_float32_tiles(dot_path, rng, m, bits, group, sym, act_bits,
+                                                             scale_dtype):
+    # Every kernel path reads float16 scales and int8 scale codes (times the row
+    # scale): the result must be the float32 tiles' result bit for bit (the
+    # scales are the same values), and within the reference's bound.
     n, k = 37, 256
     w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 4, (n, 1)))).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32) * 3
-    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym, scale_dtype="float16")
-    p16 = lowbit.pack_weights(q, scale_dtype="float16")
-    assert p16.scales.dtype == np.float16 and p16.scale_dtype == "float16"
-    y16 = lowbit.matmul(x, p16, act_bits=act_bits)
-    np.testing.assert_array_equal(y16, lowbit.matmul(x, lowbit.pack_weights(q), act_bits=act_bits))
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    pn = lowbit.pack_weights(q, scale_dtype=scale_dtype)
+    assert pn.scales.dtype == np.dtype(scale_dtype) and pn.scale_dtype == scale_dtype
+    assert (pn.row_scales is not None) == (scale_dtype == "int8")
+    yn = lowbit.matmul(x, pn, act_bits=act_bits)
+    np.testing.assert_array_equal(yn, lowbit.matmul(x, lowbit.pack_weights(q), act_bits=act_bits))
     r, bound = ref.matmul(x, q.codes(), q.scales, q.zero_points, group, act_bits)
-    assert np.all(np.abs(y16 - r) <= bound)
+    assert np.all(np.abs(yn - r) <= bound)
+
+
+def test_int8_scale_codes_layout(rng):
+    from lowbit import reference
+    from lowbit.arrays import int8_scale_codes
+    from lowbit.matmul import dequantize_packed
+    w = (rng.standard_normal((40, 576)) * np.exp(rng.uniform(-3, 3, (40, 36)).repeat(16, 1))).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=4, group_size=16, scale_dtype="int8")
+    codes, d = int8_scale_codes(q.scales)
+    assert np.abs(codes).max(axis=1).min() == 127                      # every row's largest group is code 127
+    np.testing.assert_array_equal(codes.astype(np.float32) * d[:, None], q.scales)  # exact products
+    p8 = lowbit.pack_weights(q, scale_dtype="int8")
+    np.testing.assert_array_equal(p8.scales[0, :, 3], codes[3])         # tile 0, row 3: its codes by group
+    np.testing.assert_array_equal(p8.row_scales[:40], d)
+    assert np.all(p8.row_scales[40:] == 0) and np.all(p8.scales[2, :, 8:] == 0)  # padding rows
+    np.testing.assert_array_equal(dequantize_packed(p8), reference.dequantize_tiled(p8))
+    np.testing.assert_array_equal(dequantize_packed(p8), q.dequantize())
+    # 4 + 8 / 16 + 32 / K bits per weight once the rows fill whole tiles.
+    q48 = lowbit.quantize_array(w[:32], bits=4, group_size=16, scale_dtype="int8")
+    assert lowbit.pack_weights(q48, scale_dtype="int8").bits_per_weight == 4 + 8 / 16 + 32 / 576
+    with pytest.raises(ValueError, match="row_scales"):
+        lowbit.PackedWeights(p8.data, p8.scales, None, p8.shape, 4, 16, True)
+    with pytest.raises(ValueError, match="row_scales"):
+        lowbit.matmul(np.ones((1, 576), np.float32), lowbit.PackedWeights._unchecked(
+            p8.data, p8.scales, None, p8.shape, 4, 16, True))
 
 
 def test_float16_scales_dequantize_and_size(rng):

@@ -34,7 +34,7 @@ def test_non_dividing_group_uses_the_nearest_divisor_and_says_so(capfd):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.ReLU(), torch.nn.Linear(192, 776))
     x = torch.randn(3, 576)
-    q = lowbit.quantize(copy.deepcopy(model), bits=4, group_size=128)
+    q = lowbit.quantize(copy.deepcopy(model), bits=4, group_size=128, method="rtn", scale_dtype="float32")
     err = capfd.readouterr().err
     assert "group_size=128 does not divide in_features=576: groups of 96 in 1 layer" in err
     assert "in_features=192: groups of 96" in err

@@ -90,6 +90,8 @@ struct TiledWeights {
   const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
   const float* scales = nullptr;    // [tiles, ngroups, 16] float32, or null when scales_f16 is set
   const uint16_t* scales_f16 = nullptr;  // the same as IEEE float16 bits (formats.h "scale dtype")
+  const int8_t* scale_codes = nullptr;   // or as int8 codes c: scale = c * row_scales[row]
+  const float* row_scales = nullptr;     // [tiles * 16] with scale_codes
   const int32_t* offsets = nullptr; // [tiles, ngroups, 16]; null: all 2^(bits-1) (symmetric)
   const float* bias = nullptr;      // [tiles * 16] (zero padded) added to every output row, or null
 };

@@ -105,15 +105,25 @@ HWY_INLINE VI LoadOffsets(const TiledWeights& w, size_t idx) {
   return w.offsets ? hn::LoadU(DI(), w.offsets + idx) : hn::Set(DI(), 1 << (w.bits - 1));
 }
 
-// Scales of 16 rows, float32 or float16. float16 halves the scale traffic (int4
-// g32: 4.5 instead of 5 bits per weight); the widening is one vcvtph2ps (F16C,
-// AVX2 and up) per 8-16 scales, and a scale serves 16-32 codes per row, so the
-// branch and the conversion cost ~1% of a group's work.
-HWY_INLINE VF LoadScales(const TiledWeights& w, size_t idx) {
+// Scales of 16 rows starting at row0 (= 16 t + lane), as float32: stored as
+// float32, float16, or int8 codes times a per-row float32 scale (formats.h
+// "scale dtype"). float16 halves the scale traffic (int4 g32: 4.5 instead of 5
+// bits per weight) for one vcvtph2ps (F16C, AVX2 and up) per 8-16 scales;
+// int8 codes quarter it (int4 g16: 4.5 + 32 / K) for a sign extension, a
+// convert and a multiply. A scale serves 16-32 codes per row, so the branch and
+// the widening cost a few % of a group's work. The products c * d are exact
+// (d has an 11-bit significand), so every path computes with the same values
+// as float32 tiles holding them.
+HWY_INLINE VF LoadScales(const TiledWeights& w, size_t idx, size_t row0) {
   const DF df;
-  if (w.scales_f16 == nullptr) return hn::LoadU(df, w.scales + idx);
-  const hn::Rebind<hwy::float16_t, DF> dh;
-  return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w.scales_f16 + idx)));
+  if (w.scales != nullptr) return hn::LoadU(df, w.scales + idx);
+  if (w.scales_f16 != nullptr) {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w.scales_f16 + idx)));
+  }
+  const hn::Rebind<int8_t, DI> d8;
+  const auto codes = hn::ConvertTo(df, hn::PromoteTo(DI(), hn::LoadU(d8, w.scale_codes + idx)));
+  return hn::Mul(codes, hn::LoadU(df, w.row_scales + row0));
 }
 
 // ---------------------------------------------------------------- int dot step
@@ -214,7 +224,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t t = 0; t < NT; ++t) {
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
-        const auto scale = LoadScales(w, idx);
+        const auto scale = LoadScales(w, idx, (t0 + t) * kTileRows + v * kLanes);
         const auto off = LoadOffsets(w, idx);
         for (size_t r = 0; r < MR; ++r) {
           const auto corr = hn::Mul(off, hn::Set(di, xsum[r * w.ngroups + g]));
@@ -362,7 +372,8 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     }
     for (size_t t = 0; t < NT; ++t)
       for (size_t v = 0; v < kVecs; ++v) {
-        const auto scale = LoadScales(w, ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes);
+        const auto scale = LoadScales(w, ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes,
+                                      (t0 + t) * kTileRows + v * kLanes);
         for (size_t r = 0; r < MR; ++r)
           oacc[r][t * kVecs + v] = hn::MulAdd(gacc[r][t * kVecs + v], scale, oacc[r][t * kVecs + v]);
       }
@@ -411,7 +422,7 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
       const uint8_t* blk = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
-        const auto scale = LoadScales(w, idx);
+        const auto scale = LoadScales(w, idx, (t0 + t) * kTileRows + v * kLanes);
         const auto off = LoadOffsets(w, idx);
         const auto lanes = hn::LoadU(di, reinterpret_cast<const int32_t*>(blk) + v * kLanes);
         for (size_t j = 0; j < kStep; ++j) {
@@ -650,11 +661,14 @@ void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
         for (size_t kk = 0; kk < w.k; ++kk) {
           const size_t g = kk / w.group;
           const size_t idx = (t * w.ngroups + g) * kTileRows + i;
+          const float scale = w.scales       ? w.scales[idx]
+                              : w.scales_f16 ? HalfToFloat(w.scales_f16[idx])
+                                             : static_cast<float>(w.scale_codes[idx]) * w.row_scales[row];
           const size_t kb = kk / step, j = kk % step;
           const uint8_t byte = w.data[t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4)];
           const int u = w.bits == 8 ? byte : (j < 4 ? byte & 0x0F : byte >> 4);
           const int off = w.offsets ? w.offsets[idx] : sym_offset;
-          dst[kk] = static_cast<float>(u - off) * (w.scales_f16 ? HalfToFloat(w.scales_f16[idx]) : w.scales[idx]);
+          dst[kk] = static_cast<float>(u - off) * scale;
         }
       }
     }

@@ -144,7 +144,7 @@ def _is_size(d) -> bool:
 
 
 U8, I32, F32 = np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
-F16 = np.dtype(np.float16)
+F16, I8 = np.dtype(np.float16), np.dtype(np.int8)
 
 
 def _check_bits(bits) -> int:
@@ -175,7 +175,7 @@ def _scale_shape(rows: int, k: int, group_size: GroupSize) -> tuple:
 
 
 SCALE_METHODS = ("rtn", "mse")
-SCALE_DTYPES = ("float32", "float16")
+SCALE_DTYPES = ("float32", "float16", "int8")
 F16_MAX = 65504.0
 F16_TINY = float(np.float16(2.0 ** -24))  # the smallest positive float16 (subnormal)
 
@@ -196,6 +196,41 @@ def _f16_scales(scales: np.ndarray) -> np.ndarray:
     if lost.any():
         r[lost] = np.copysign(np.float32(F16_TINY), s[lost])
     return r
+
+
+def _round_significand(x: np.ndarray, bits: int) -> np.ndarray:
+    """float32 x rounded to `bits` significant bits (nearest, ties away), exponent kept."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    drop = 24 - bits
+    u = (u + np.uint32(1 << (drop - 1))) & np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    return u.view(np.float32)
+
+
+def int8_scale_codes(scales: np.ndarray) -> tuple:
+    """(codes int8 [R, G], row scales float32 [R]) of float32 scales [R, G] in the
+    int8 scale format (formats.h "scale dtype"): d = max |s| / 127 of the row,
+    rounded to 11 significant bits so every c * d is exact in float32, and
+    c = round(s / d) in [-127, 127]."""
+    s = np.asarray(scales, np.float32)
+    d = _round_significand(np.abs(s).max(axis=1) / np.float32(127), 11)
+    safe = np.where(d > 0, d, np.float32(1))
+    codes = np.clip(np.rint(s / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, d
+
+
+def _int8_scales(scales: np.ndarray) -> np.ndarray:
+    """Scales [R, G] as the int8 format stores them (c * d per row), float32."""
+    codes, d = int8_scale_codes(scales)
+    return codes.astype(np.float32) * d[:, None]
+
+
+def _rounded_scales(scales: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """scales [R, G] (or [1]) as ``scale_dtype`` stores them, float32 values."""
+    if scale_dtype == "float16":
+        return _f16_scales(scales)
+    if scale_dtype == "int8":
+        return _int8_scales(np.asarray(scales).reshape(len(scales), -1)).reshape(np.shape(scales))
+    return np.asarray(scales, np.float32)
 
 
 def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
@@ -222,12 +257,14 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         error among 2 * search_steps + 1 candidates around the range rule's and
         their least-squares refinements; never worse than "rtn" in that error;
         csrc/lowbit/scale_search.cc). Same format and kernels either way.
-      scale_dtype: "float32" (default) or "float16": every scale is chosen as
-        usual, rounded to the nearest float16 (a nonzero one never to 0), and the
-        codes are then computed with the rounded scale, so ``pack_weights(q,
-        scale_dtype="float16")`` stores the scales in half the bytes without
-        further loss (int4 groups of 32: 4.5 bits/weight, llama.cpp Q4_0's size).
-        The QArray keeps them as float32 values that float16 represents exactly.
+      scale_dtype: "float32" (default), "float16" or "int8": every scale is
+        chosen as usual, rounded to what the format stores (float16: nearest, a
+        nonzero one never to 0; int8: per row, a code in [-127, 127] times one
+        float32 row scale), and the codes are then computed with the rounded
+        scale, so ``pack_weights(q, scale_dtype=...)`` stores the scales in half
+        (a quarter) of the bytes without further loss: int4 groups of 32 with
+        float16 scales take 4.5 bits/weight (llama.cpp Q4_0's size), groups of 16
+        with int8 scales 4.5 + 32 / K. The QArray keeps the rounded values as float32.
 
     NaN in x raises ValueError; +-inf saturates to the end codes.
 
@@ -260,13 +297,13 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         raise ValueError(f"search_steps must be an int in [0, 64], got {search_steps!r}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
-    if scale_dtype == "float16" and scale is None:
+    if scale_dtype != "float32" and scale is None:
         # Choose the scales (and zero points) first, then re-quantize with them
-        # rounded to float16: the codes must be the nearest ones under the scale
-        # that is stored. Cheap: quantizing is ~1 ns per weight.
+        # rounded as scale_dtype stores them: the codes must be the nearest ones
+        # under the scale that is stored. Cheap: quantizing is ~1 ns per weight.
         q = quantize_array(arr, bits, group_size, symmetric, input_dtype=input_dtype, method=method,
                            search_steps=search_steps)
-        scales = _f16_scales(q.scales)
+        scales = _rounded_scales(q.scales, scale_dtype)
         group = k if group_size in (None, "tensor") else group_size
         zps = None if q.zero_points is None else q.zero_points.reshape(-1)
         _C.quantize_rows(x2, FLAG_OF[dname], bits, group, symmetric, group_size == "tensor", True,
@@ -281,8 +318,10 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         object.__setattr__(out, "dtype", dname)
         return out
     given = scale is not None
-    if given and scale_dtype == "float16":
-        scale = _f16_scales(_given_scales(scale, sshape))
+    if given and scale_dtype != "float32":
+        scale = _rounded_scales(_given_scales(scale, sshape), scale_dtype)
+        if not np.all(scale > 0):
+            raise ValueError(f"scale_dtype={scale_dtype!r}: a given scale is too small next to its row's largest")
     if zero_point is not None and not given:
         raise ValueError("zero_point given without scale")
     if method == "mse" and given:

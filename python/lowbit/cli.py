@@ -200,6 +200,7 @@ def info(out=None) -> None:
 def file_info(path, out=None):
     """Print the per-tensor table of a lowbit file (header only; nothing is loaded)."""
     out = out or sys.stdout
+    from .config import SCALE_LABEL
     from .io import read_info
     fi = read_info(path)
     layer_of = {}
@@ -208,8 +209,9 @@ def file_info(path, out=None):
             layer_of[f"{name}.{part}"] = f"embedding int{m['bits']} [{m['num_embeddings']}x{m['embedding_dim']}] {part}"
     for name, m in fi.linear_layers.items():
         label = f"int{m['bits']} " + ("per-row" if m["group_size"] is None else f"g{m['group_size']}") + \
-            ("" if m["symmetric"] else " asym") + (" A8" if m["act_bits"] else "")
-        for part in ("data", "scales", "offsets"):
+            ("" if m["symmetric"] else " asym") + (" A8" if m["act_bits"] else "") + \
+            SCALE_LABEL[m.get("scale_dtype", "float32")]
+        for part in ("data", "scales", "offsets", "row_scales"):
             layer_of[f"{name}.{part}"] = f"{label} [{m['out_features']}x{m['in_features']}] {part}"
     print(f"{fi.path}: {fi.file_size} bytes, {len(fi.tensors)} tensors, {len(fi.layers)} quantized layers, "
           f"written by {fi.writer}", file=out)
@@ -232,6 +234,7 @@ def folder_info(path, out=None) -> dict:
     a lowbit model (quantization_config with quant_method "lowbit")."""
     import os
 
+    from .config import SCALE_LABEL
     from .integrations.hf_folder import read_quantization_config, shards
     from .io import FormatError, read_header
     out = out or sys.stdout
@@ -248,21 +251,21 @@ def folder_info(path, out=None) -> dict:
     packed = 0
     for name, record in qc["layers"].items():
         bits, group, symmetric, act_bits = record[:4]
-        parts = [tensors.get(f"{name}.{p}") for p in ("data", "scales", "offsets")]
+        parts = [tensors.get(f"{name}.{p}") for p in ("data", "scales", "offsets", "row_scales")]
         if parts[0] is None or parts[1] is None:
             raise FormatError(f"{path}: layer {name} is in the table but its tiles are not in the files")
         nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in filter(None, parts))
         packed += nbytes
         label = f"int{bits} " + ("per-row" if group is None else f"g{group}") + ("" if symmetric else " asym") + \
-            (" A8" if act_bits else "")
+            (" A8" if act_bits else "") + SCALE_LABEL[record[7] if len(record) > 7 else "float32"]
         print(f"{name[:48]:48s} {label:>14s} {nbytes:11d}  {parts[0][0]}", file=out)
     total = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in tensors.values())
     print(f"quantized layers: {packed / 2**20:.2f} MiB; other tensors {(total - packed) / 2**20:.2f} MiB", file=out)
     return qc
 
 
-def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activations=None, symmetric=True,
-                   out=None, embeddings=None) -> int:
+def quantize_model(source: str, dest: str, bits: int = 4, group_size=32, activations=None, symmetric=True,
+                   out=None, embeddings=None, scale_dtype: str = "float16") -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
     and write a lowbit file; the transformers config travels in its header."""
     out = out or sys.stdout
@@ -283,7 +286,7 @@ def quantize_model(source: str, dest: str, bits: int = 4, group_size=128, activa
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModel.from_pretrained(source).eval()
     lowbit.quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
-                    progress=False, embeddings=embeddings)
+                    progress=False, embeddings=embeddings, scale_dtype=scale_dtype)
     size = lowbit.save(model, dest, metadata={"hf_config": model.config.to_json_string(),
                                               "hf_class": type(model).__name__})
     s = lowbit.summary(model)
@@ -312,7 +315,9 @@ def main(argv=None) -> int:
     q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
     q.add_argument("dest", help="output .safetensors path (written atomically)")
     q.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    q.add_argument("--group-size", type=int, default=128, help="0 for per-row scales")
+    q.add_argument("--group-size", type=int, default=32, help="0 for per-row scales")
+    q.add_argument("--scale-dtype", choices=("float16", "float32"), default="float16",
+                   help="scales of the int8/int4 tiles (float16: int4 g32 at 4.5 bits/weight)")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
     q.add_argument("--embeddings", type=int, choices=(8, 4), default=None,
@@ -341,7 +346,7 @@ def main(argv=None) -> int:
         if args.group_size < 0:
             parser.error("--group-size must be >= 0")
         quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
-                       not args.asym, embeddings=args.embeddings)
+                       not args.asym, embeddings=args.embeddings, scale_dtype=args.scale_dtype)
     elif args.command == "demo":
         if args.model == "smollm2" and not args.weights_only:
             if args.windows < 1:

@@ -12,6 +12,7 @@ from .matmul import KSTEP
 # row layout (no int2 matmul kernel yet: dequantize + float matmul, warned once).
 LAYER_BITS = (8, 4, 2)
 GROUP_MULTIPLE = {**KSTEP, 2: 4}
+SCALE_LABEL = {"float32": "", "float16": " f16-scales", "int8": " int8-scales"}
 
 
 def fit_group(group_size: Optional[int], in_features: int, multiple: int) -> Optional[int]:
@@ -48,9 +49,10 @@ class QuantConfig:
     bits: weight bits (8 or 4). group_size: elements per scale along the input
     dimension (None: one scale per output row). symmetric: signed codes without a
     zero point. act_bits: None (float activations, weight-only) or 8 (per-token
-    int8 activations and integer kernels). scale_dtype: "float32" or "float16"
-    (int8/int4 tiles only: half the scale bytes, e.g. int4 g32 at 4.5 bits/weight;
-    the codes are chosen under the rounded scales).
+    int8 activations and integer kernels). scale_dtype: "float32", "float16" or
+    "int8" (int8/int4 tiles only; float16: half the scale bytes, int4 g32 at 4.5
+    bits/weight; int8: codes times one float32 scale per row, int4 g16 at
+    4.5 + 32 / K; the codes are chosen under the rounded scales).
     """
 
     bits: int = 4
@@ -86,4 +88,4 @@ class QuantConfig:
         cb = self.code_bits or self.bits
         w = f"W{cb}" + ("A8" if self.act_bits == 8 else "") + (f"(int{self.bits})" if cb != self.bits else "")
         g = "per-row" if self.group_size is None else f"g{self.group_size}"
-        return f"{w} {g}{'' if self.symmetric else ' asym'}{' f16-scales' if self.scale_dtype == 'float16' else ''}"
+        return f"{w} {g}{'' if self.symmetric else ' asym'}{SCALE_LABEL[self.scale_dtype]}"

@@ -11,11 +11,13 @@ Byte layout of a lowbit file (all integers little-endian):
   [8, 8 + N)        JSON header, padded with spaces so 8 + N is a multiple of 64
   [8 + N, end)      tensor bytes, back to back (safetensors allows no holes):
                     first every int8/int4 QuantLinear's tiles in module order
-                    (``data``, ``scales``, ``offsets``: each a multiple of 64
-                    bytes by construction of the tiled layout, so each starts
-                    64-byte aligned in the file and in an mmap of it), then the
-                    int2 layers (packed rows + scales, adjacent per layer), then
-                    the remaining tensors (biases, norms, embeddings, ...).
+                    (``data``, ``offsets``, ``row_scales`` and float32
+                    ``scales``: each a multiple of 64 bytes by construction of
+                    the tiled layout, so each starts 64-byte aligned in the
+                    file and in an mmap of it), then the float16 / int8
+                    ``scales`` (multiples of 32 / 16 bytes), then the int2
+                    layers (packed rows + scales, adjacent per layer), then the
+                    remaining tensors (biases, norms, embeddings, ...).
 
 The header maps each tensor name (the model's state-dict key) to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
@@ -26,7 +28,8 @@ where the lowbit JSON is::
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
               "bits" (8, 4: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
               "orig_dtype", "bias", "act_scale" (0: dynamic activations),
-              "scale_dtype" (only when "float16": the tiles' scales are F16, formats.h)}},
+              "scale_dtype" (only when not float32: "float16", the tiles' scales are F16;
+              "int8", they are I8 codes with F32 "row_scales", formats.h)}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
 
@@ -125,10 +128,13 @@ def expected_packed_shapes(meta: dict) -> dict:
     kp = (k + step - 1) // step * step
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
     ngroups = 1 if meta["group_size"] is None else k // meta["group_size"]
-    sdt = "F16" if meta.get("scale_dtype", "float32") == "float16" else "F32"
+    scale_dtype = meta.get("scale_dtype", "float32")
+    sdt = {"float32": "F32", "float16": "F16", "int8": "I8"}[scale_dtype]
     shapes = {"data": ("U8", (tiles * (kp // step) * 64,)), "scales": (sdt, (tiles, ngroups, TILE_ROWS))}
     if not meta["symmetric"]:
         shapes["offsets"] = ("I32", (tiles, ngroups, TILE_ROWS))
+    if scale_dtype == "int8":  # the codes' per-row float32 scales
+        shapes["row_scales"] = ("F32", (tiles * TILE_ROWS,))
     return shapes
 
 
@@ -165,7 +171,9 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
     layers = {}
-    first, second = [], []  # tiled QuantLinear tensors (64-byte multiples), then int2 rows; module order
+    # Tiled QuantLinear tensors that are 64-byte multiples, then the float16 /
+    # int8 scales (multiples of 32 / 16 bytes), then int2 rows; module order.
+    first, narrow, second = [], [], []
     from .nn import FusedProjection, QuantEmbedding, TiedQuantEmbedding
     if any(isinstance(m, FusedProjection) for m in model.modules()):
         raise ValueError("model has fused projections (lowbit.fuse_projections): save it before fusing, "
@@ -190,8 +198,12 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
                                 act_scale=float(mod.act_scale))
             if c.scale_dtype != "float32":  # only then: older readers refuse what they cannot run
                 layers[name]["scale_dtype"] = c.scale_dtype
-            (second if c.bits == 2 else first).extend(f"{name}.{k}" if name else k
-                                                      for k in ("data", "scales", "offsets"))
+            key = (lambda k: f"{name}.{k}") if name else (lambda k: k)
+            if c.bits == 2:
+                second.extend(key(k) for k in ("data", "scales"))
+            else:
+                first.extend(key(k) for k in ("data", "offsets", "row_scales"))
+                (first if c.scale_dtype == "float32" else narrow).append(key("scales"))
     state = model.state_dict()
     tensors, aliases, seen = {}, {}, {}
     for key, t in state.items():
@@ -208,7 +220,7 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
             continue
         seen[ident] = key
         tensors[key] = t
-    lead = first + second
+    lead = first + narrow + second
     order = [k for k in lead if k in tensors] + [k for k in tensors if k not in set(lead)]
     arrays = {k: _bytes_view(tensors[k]) for k in order}
     crcs = {k: zlib.crc32(arrays[k]) for k in order}
@@ -433,9 +445,9 @@ def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] 
     if not isinstance(m, dict) or set(m) - {"scale_dtype"} != _LAYER_FIELDS:
         raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)} "
                           f"(and optionally scale_dtype)")
-    if m.get("scale_dtype", "float32") not in ("float32", "float16") or \
-            (m.get("scale_dtype") == "float16" and m["bits"] == 2):
-        raise FormatError(f"{where}: scale_dtype must be float32, or float16 for int8/int4 layers")
+    if m.get("scale_dtype", "float32") not in ("float32", "float16", "int8") or \
+            (m.get("scale_dtype", "float32") != "float32" and m["bits"] == 2):
+        raise FormatError(f"{where}: scale_dtype must be float32, or float16 / int8 for int8/int4 layers")
     if m["module"] != "QuantLinear":
         raise FormatError(f"{where}: unknown module type {m['module']!r}")
     n, k = m["in_features"], m["out_features"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _C
 from ._dtypes import float_input
-from .arrays import F16, F32, I32, SCALE_DTYPES, U8, QArray, _f16_scales, _field, _is_size
+from .arrays import F16, F32, I8, I32, SCALE_DTYPES, U8, QArray, _f16_scales, _field, _is_size, int8_scale_codes
 from .floats import decode_float
 
 TILE_ROWS = 16
@@ -29,12 +29,13 @@ class PackedWeights:
     """A QArray [N, K] rearranged for the matmul kernels (formats.h, "tiled" v1)."""
 
     data: np.ndarray      # uint8 [tiles * Kp / kstep * 64]
-    scales: np.ndarray    # float32 or float16 [tiles, ngroups, 16] (formats.h "scale dtype")
+    scales: np.ndarray    # float32, float16 or int8 codes [tiles, ngroups, 16] (formats.h "scale dtype")
     offsets: Optional[np.ndarray]  # int32 [tiles, ngroups, 16]; None when symmetric
     shape: tuple          # (N, K)
     bits: int
     group_size: Optional[int]  # None: per row
     symmetric: bool
+    row_scales: Optional[np.ndarray] = None  # float32 [tiles * 16] with int8 scale codes, else None
 
     def __post_init__(self):
         # Cheap (~1 us; the torch ops build one per call) but complete: a
@@ -56,24 +57,30 @@ class PackedWeights:
         tiles = -(-n // TILE_ROWS)
         _field(self.data, "data", U8, (tiles * (self.kp // step) * 64,))
         groups = (tiles, 1 if g is None else k // g, TILE_ROWS)
-        _field(self.scales, "scales", F16 if self.scales.dtype == F16 else F32, groups)
+        sdt = self.scales.dtype if isinstance(self.scales, np.ndarray) and self.scales.dtype in (F16, I8) else F32
+        _field(self.scales, "scales", sdt, groups)
+        if (sdt == I8) != (self.row_scales is not None):
+            raise ValueError("PackedWeights.row_scales must be given exactly when the scales are int8 codes")
+        if self.row_scales is not None:
+            _field(self.row_scales, "row_scales", F32, (tiles * TILE_ROWS,))
         if self.symmetric != (self.offsets is None):
             raise ValueError("PackedWeights.offsets must be None exactly when symmetric")
         if self.offsets is not None:
             _field(self.offsets, "offsets", I32, groups)
 
     @classmethod
-    def _unchecked(cls, data, scales, offsets, shape, bits, group_size, symmetric) -> "PackedWeights":
+    def _unchecked(cls, data, scales, offsets, shape, bits, group_size, symmetric, row_scales=None) -> "PackedWeights":
         """For the torch ops' per-call wrapping of a layer's own buffers (checked when
         they were stored; the bindings check sizes again): skips __post_init__'s ~2 us."""
         obj = object.__new__(cls)
         obj.__dict__.update(data=data, scales=scales, offsets=offsets, shape=shape, bits=bits,
-                            group_size=group_size, symmetric=symmetric)
+                            group_size=group_size, symmetric=symmetric, row_scales=row_scales)
         return obj
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+        return self.data.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes) + \
+            (0 if self.row_scales is None else self.row_scales.nbytes)
 
     @property
     def bits_per_weight(self) -> float:
@@ -104,10 +111,11 @@ class PackedWeights:
 def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
     """Rearrange a 2-D int8/int4 QArray [N, K] into the matmul kernels' tiled layout.
 
-    scale_dtype: "float32" (default) or "float16" (half the scale bytes: int4 g32
-    takes 4.5 bits/weight instead of 5). float16 rounds each scale to nearest;
-    quantize with ``quantize_array(..., scale_dtype="float16")`` so the codes were
-    chosen under the rounded scales and nothing changes here.
+    scale_dtype: "float32" (default), "float16" (half the scale bytes: int4 g32
+    takes 4.5 bits/weight instead of 5) or "int8" (codes times one float32 scale
+    per row: int4 g16 takes 4.5 + 32 / K). Both round the scales; quantize with
+    ``quantize_array(..., scale_dtype=...)`` so the codes were chosen under the
+    rounded scales and nothing changes here.
 
     >>> import numpy as np, lowbit
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
@@ -143,9 +151,17 @@ def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
     _C.pack_tiled(codes.view(np.uint8), q.bits, q.symmetric, k if group is None else group,
                   np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1),
                   None if toffs is None else toffs.reshape(-1))
+    row_scales = None
     if scale_dtype == "float16":
         tscales = _f16_scales(tscales).astype(np.float16)
-    return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric)
+    elif scale_dtype == "int8":
+        codes8, d = int8_scale_codes(scales.reshape(n, ngroups))
+        padded = np.zeros((tiles * TILE_ROWS, ngroups), np.int8)
+        padded[:n] = codes8
+        tscales = np.ascontiguousarray(padded.reshape(tiles, TILE_ROWS, ngroups).transpose(0, 2, 1))
+        row_scales = np.zeros(tiles * TILE_ROWS, np.float32)
+        row_scales[:n] = d
+    return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric, row_scales)
 
 
 def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,
@@ -218,14 +234,15 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     group = w._group
     if act_bits == 8:
         if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias,
-                                   float(np.float32(act_scale)) if act_scale else 0.0):
+                                   float(np.float32(act_scale)) if act_scale else 0.0, w.row_scales):
             raise ValueError("x contains NaN")
     else:
         if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns
             padded = np.zeros((m, w.kp), np.float32)
             padded[:, :k] = x2
             x2 = padded
-        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias)
+        _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias,
+                            w.row_scales)
     return out[0] if vector else out
 
 
@@ -237,5 +254,5 @@ def dequantize_packed(w: PackedWeights) -> np.ndarray:
         raise TypeError(f"w must be PackedWeights, got {type(w).__name__}")
     n, k = w.shape
     out = np.empty((n, k), np.float32)
-    _C.dequantize_tiled(w.bits, n, k, w._group, w.data, w.scales.reshape(-1), w._offsets_flat, out)
+    _C.dequantize_tiled(w.bits, n, k, w._group, w.data, w.scales.reshape(-1), w._offsets_flat, out, w.row_scales)
     return out

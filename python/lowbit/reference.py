@@ -133,13 +133,26 @@ def round_scales_f16(s: np.ndarray) -> np.ndarray:
     return r
 
 
+def round_scales_int8(s: np.ndarray) -> np.ndarray:
+    """Scales [R, G] as int8 codes store them: per row d = max |s| / 127 (float32)
+    rounded to 11 significant bits (half up), c = round-half-even(s / d) clamped to
+    [-127, 127]; returns c * d (exact in float32)."""
+    s = np.asarray(s, np.float32)
+    d = (np.abs(s).max(axis=1) / np.float32(127)).astype(np.float64)
+    m, e = np.frexp(d)                                  # d = m * 2^e, m in [0.5, 1)
+    d = (np.floor(m * 2048 + 0.5) / 2048 * np.exp2(e)).astype(np.float32)
+    c = np.clip(np.rint(s / np.where(d > 0, d, 1)[:, None]), -127, 127)
+    return (c * d[:, None]).astype(np.float32)
+
+
 def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=None, zero_point=None,
              scale_dtype="float32"):
     """Reference quantize_array: returns (packed, scales, zero_points or None).
 
     scales/zero points have shape [R, K // G] ([1] per tensor); given ones are used as is.
-    scale_dtype="float16": the range rule's scales are rounded (round_scales_f16)
-    before the codes are computed, the zero points kept.
+    scale_dtype="float16" / "int8": the range rule's scales are rounded
+    (round_scales_f16 / round_scales_int8) before the codes are computed, the zero
+    points kept.
     """
     x32 = _as_f32(x, dtype)
     rows, k, g = _grouping(x32.shape, group_size)
@@ -153,6 +166,8 @@ def quantize(x, bits=8, group_size=None, symmetric=True, dtype="float32", scale=
         s, zp = choose_scale(lo, hi, bits, symmetric)
         if scale_dtype == "float16":
             s = round_scales_f16(s)
+        elif scale_dtype == "int8":
+            s = round_scales_int8(s.reshape(len(s), -1)).reshape(s.shape)
     else:
         s = np.asarray(scale, np.float32).reshape(groups.shape[:-1])
         zp = (np.zeros(s.shape, np.int32) if symmetric
@@ -457,6 +472,8 @@ def dequantize_tiled(w) -> np.ndarray:
     ngroups = w.scales.shape[1]
     per_row = lambda a: a.transpose(0, 2, 1).reshape(tiles * TILE_ROWS, ngroups)  # noqa: E731
     scales = per_row(w.scales).astype(np.float32)  # float16 scales widen exactly
+    if w.row_scales is not None:  # int8 codes c: scale = c * d of the row (exact)
+        scales = scales * w.row_scales[:, None]
     offs = (np.full(scales.shape, 1 << (w.bits - 1), np.int32) if w.offsets is None else per_row(w.offsets))
     g = kp if ngroups == 1 else w.group_size
     vals = (u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]).astype(np.float32) * scales[:, :, None]

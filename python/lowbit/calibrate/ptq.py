@@ -35,7 +35,7 @@ DATA_FREE = ("rtn", "mse")
 @dataclass(frozen=True)
 class LayerPlan:
     """How one layer is quantized: code bits (3 and 2 run in int4 tiles), group size,
-    scale dtype (float16 for int8/int4 tiles only; 2-bit rows keep float32)."""
+    scale dtype (float16 / int8 for int8/int4 tiles only; 2-bit rows keep float32)."""
 
     bits: int
     group_size: Optional[int]
@@ -48,6 +48,8 @@ class LayerPlan:
     def bits_per_weight(self, k: int) -> float:
         storage = storage_bits(self.bits)
         g = k if self.group_size is None else self.group_size
+        if self.scale_dtype == "int8":  # a code per group, one float32 scale per row
+            return storage + 8.0 / g + 32.0 / k
         return storage + (16.0 if self.scale_dtype == "float16" else 32.0) / g
 
 

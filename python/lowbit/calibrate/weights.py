@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ..arrays import _f16_scales
+from ..arrays import _rounded_scales
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -56,12 +56,13 @@ def qrange(bits: int, symmetric: bool) -> tuple:
 
 
 def round_scales(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    """scale as the layer will store it: float32 as is, or rounded to float16
-    (arrays._f16_scales: nearest, a nonzero scale never to 0). Rounding before the
-    codes are chosen keeps every code the nearest under the stored scale."""
+    """scale [N, groups] as the layer will store it: float32 as is, float16
+    (nearest, a nonzero scale never to 0) or int8 codes times a per-row scale
+    (arrays._rounded_scales). Rounding before the codes are chosen keeps every
+    code the nearest under the stored scale."""
     if scale_dtype == "float32":
         return scale
-    return torch.from_numpy(_f16_scales(scale.detach().float().cpu().numpy()))
+    return torch.from_numpy(_rounded_scales(scale.detach().float().cpu().numpy(), scale_dtype))
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: Optional[torch.Tensor] = None,
@@ -210,7 +211,10 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     W = w.detach().double().clone()
     W[:, dead] = 0
     static = None
-    if act_order or group is None:
+    # int8 scale codes share one scale per row, so a row's group scales must all
+    # be known before any is rounded: such layers fix them up front ("static
+    # groups", as with act_order).
+    if act_order or group is None or scale_dtype == "int8":
         static = group_params(_grouped(W.float(), group), bits, symmetric, scale_dtype=scale_dtype)
     identity = bool(torch.equal(perm, torch.arange(k)))  # no act_order: no permuted copies
     if not identity:

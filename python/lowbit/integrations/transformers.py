@@ -46,8 +46,9 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..api import _set_module
+from ..api import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, _set_module
 from ..calibrate.ptq import DATA_FREE
+from ..arrays import SCALE_DTYPES
 from ..config import QuantConfig, storage_bits
 from ..nn import QuantLinear
 from .hf_folder import layer_record, placeholder
@@ -69,17 +70,19 @@ class LowbitConfig(QuantizationConfigMixin):
       method: "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
       modules_to_not_convert: module names kept in float (added to transformers'
         default: the output head and tied weights).
-      scale_dtype: "float32" or "float16" (int8/int4 layers: half the scale
-        bytes; int4 groups of 32 at 4.5 bits/weight).
+      scale_dtype: "float16" (default), "float32" or "int8" (int8/int4 layers;
+        float16 halves the scale bytes: int4 groups of 32 at 4.5 bits/weight;
+        int8 codes with one float32 scale per row quarter them).
+      The defaults are lowbit.quantize's (int4, groups of 32, float16 scales, "mse").
       layers: filled when a model is quantized: {name: [bits, group_size,
         symmetric, act_bits, code_bits, has_input_scale, act_scale(, "float16")]}
         so a pre-quantized checkpoint rebuilds the exact layers.
     """
 
-    def __init__(self, bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True,
-                 activations: Optional[int] = None, method: str = "rtn",
+    def __init__(self, bits: int = 4, group_size: Optional[int] = DEFAULT_GROUP, symmetric: bool = True,
+                 activations: Optional[int] = None, method: str = DEFAULT_METHOD,
                  modules_to_not_convert: Optional[list] = None, layers: Optional[dict] = None,
-                 scale_dtype: str = "float32", **kwargs):
+                 scale_dtype: str = DEFAULT_SCALE_DTYPE, **kwargs):
         if isinstance(bits, bool) or bits not in (8, 4, 3, 2):
             raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
@@ -92,8 +95,8 @@ class LowbitConfig(QuantizationConfigMixin):
         if method not in DATA_FREE:
             raise ValueError(f"method must be one of {DATA_FREE} while loading (calibrated methods: "
                              f"lowbit.quantize(model, method=..., calibration_data=...)), got {method!r}")
-        if scale_dtype not in ("float32", "float16"):
-            raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
         if modules_to_not_convert is not None and (isinstance(modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in modules_to_not_convert)):
             raise TypeError("modules_to_not_convert must be a list of module names")

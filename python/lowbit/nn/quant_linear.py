@@ -26,7 +26,8 @@ def _eager_inference(x: torch.Tensor, bias) -> bool:
 
 
 # safetensors dtype names of the stored layout (io.expected_packed_shapes) -> torch.
-_TORCH_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "I32": torch.int32}
+_TORCH_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "I8": torch.int8,
+                 "I32": torch.int32}
 
 _warned_int2 = False
 _checked_threads = False
@@ -78,6 +79,8 @@ class QuantLinear(nn.Module):
         # Zero points exist only for asymmetric codes; an empty placeholder keeps the
         # state-dict keys fixed by the config (lowbit.load fills it).
         self.register_buffer("offsets", None if self.config.symmetric else torch.empty(0, dtype=torch.int32))
+        # int8 scale codes come with one float32 scale per row (formats.h "scale dtype").
+        self.register_buffer("row_scales", torch.empty(0) if self.config.scale_dtype == "int8" else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.orig_dtype = dtype
         # Static int8 activation scale from calibration (W8A8/W4A8 static); 0: dynamic.
@@ -108,6 +111,7 @@ class QuantLinear(nn.Module):
         self.data = torch.from_numpy(pw.data)
         self.scales = torch.from_numpy(pw.scales)
         self.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
+        self.row_scales = None if pw.row_scales is None else torch.from_numpy(pw.row_scales)
 
     def _copy_bias(self, bias: Optional[torch.Tensor]) -> None:
         if bias is not None:
@@ -171,7 +175,8 @@ class QuantLinear(nn.Module):
         if _eager_inference(x, self.bias):
             return self._forward_eager(x)
         return torch.ops.lowbit.linear(x, self.data, self.scales, self.offsets, self.bias, self.out_features,
-                                       self.in_features, c.bits, c.group_size or 0, c.act_bits or 0, self.act_scale)
+                                       self.in_features, c.bits, c.group_size or 0, c.act_bits or 0, self.act_scale,
+                                       self.row_scales)
 
     def _kernel_args(self) -> tuple:
         """NumPy views of the tiles (and bias) for the kernels, rebuilt only when a
@@ -179,7 +184,8 @@ class QuantLinear(nn.Module):
         more than a 576x576 int4 GEMV."""
         key = (self.data.data_ptr(), self.scales.data_ptr(),
                None if self.offsets is None else self.offsets.data_ptr(),
-               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype))
+               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype),
+               None if self.row_scales is None else self.row_scales.data_ptr())
         cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
             c = self.config
@@ -190,7 +196,8 @@ class QuantLinear(nn.Module):
                 key = None  # a converted copy: rebuild every call (its values may change)
             kp = (k + KSTEP[c.bits] - 1) // KSTEP[c.bits] * KSTEP[c.bits]
             cached = (key, ops._np(self.data), ops._np(self.scales).reshape(-1),
-                      None if self.offsets is None else ops._np(self.offsets).reshape(-1), group, bias, kp)
+                      None if self.offsets is None else ops._np(self.offsets).reshape(-1), group, bias, kp,
+                      None if self.row_scales is None else ops._np(self.row_scales))
             self.__dict__["_kernel_cache"] = cached
         return cached
 
@@ -199,7 +206,7 @@ class QuantLinear(nn.Module):
         steps in between (decode runs ~200 of these per token on a small LM)."""
         if not _checked_threads:
             _check_thread_policy()
-        _, data, scales, offsets, group, bias, kp = self._kernel_args()
+        _, data, scales, offsets, group, bias, kp, row_scales = self._kernel_args()
         c, n, k = self.config, self.out_features, self.in_features
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features, the layer expects {k}")
@@ -212,13 +219,13 @@ class QuantLinear(nn.Module):
             if c.act_bits == 8:
                 x2 = x2.contiguous()
                 if not _C.matmul_quant_act(x2.numpy(), c.bits, n, k, group, data, scales, offsets, out.numpy(),
-                                           bias, float(np.float32(self.act_scale))):
+                                           bias, float(np.float32(self.act_scale)), row_scales):
                     raise ValueError("x contains NaN")
             else:
                 if kp != k:  # the kernels read whole k-steps: zero-pad the columns
                     x2 = torch.nn.functional.pad(x2, (0, kp - k))
                 _C.matmul_float_act(x2.contiguous().numpy(), c.bits, n, k, group, data, scales, offsets,
-                                    out.numpy(), bias)
+                                    out.numpy(), bias, row_scales)
         out = out if x.dtype == torch.float32 else out.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
 
@@ -239,7 +246,8 @@ class QuantLinear(nn.Module):
             raise ValueError("int2 layers are stored as packed rows, not matmul tiles")
         return PackedWeights(self.data.numpy(), self.scales.numpy(),
                              None if self.offsets is None else self.offsets.numpy(),
-                             (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None)
+                             (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None,
+                             None if self.row_scales is None else self.row_scales.numpy())
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -255,7 +263,8 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         n = self.data.numel() + self.scales.numel() * self.scales.element_size() + \
-            (0 if self.offsets is None else 4 * self.offsets.numel())
+            (0 if self.offsets is None else 4 * self.offsets.numel()) + \
+            (0 if self.row_scales is None else 4 * self.row_scales.numel())
         n += 0 if self.input_scale is None else 4 * self.input_scale.numel()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 

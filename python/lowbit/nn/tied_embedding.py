@@ -43,7 +43,9 @@ def gather_tile_rows(head, ids: torch.Tensor) -> torch.Tensor:
         codes = codes - (1 << (c.bits - 1))
     else:
         codes = (codes.view(-1, groups, kp // groups) - head.offsets[t, :, i][:, :, None]).view(-1, kp)
-    scales = head.scales[t, :, i]                                                  # [L, groups]
+    scales = head.scales[t, :, i].float()                                          # [L, groups]
+    if head.row_scales is not None:  # int8 scale codes times the row's scale (exact)
+        scales = scales * head.row_scales[ids][:, None]
     vals = codes.to(torch.float32).view(-1, groups, kp // groups) * scales[:, :, None]
     return vals.view(-1, kp)[:, :k]
 

@@ -47,7 +47,7 @@ def test_large_heads_and_tables_are_int8_by_default(tied, tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     q = lowbit.quantize(copy.deepcopy(model), bits=8, group_size=None, progress=False)
-    assert isinstance(q.lm_head, QuantLinear) and q.lm_head.config.label == "W8 g64 f16-scales"  # the default scales
+    assert isinstance(q.lm_head, QuantLinear) and q.lm_head.config.label == "W8 g64 int8-scales"  # the default scales
     emb = q.model.embed_tokens
     assert isinstance(emb, TiedQuantEmbedding if tied else lowbit.nn.QuantEmbedding)
     with torch.no_grad():

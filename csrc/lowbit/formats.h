@@ -88,13 +88,22 @@
 //   weights x signed activations, 4 products summed per lane).
 //   Scales: float32 [Nt, ngroups, 16]; offsets off: int32 [Nt, ngroups, 16],
 //   stored for asymmetric weights only (symmetric: off = 2^(b-1) everywhere).
-//   Scale dtype: the scales may instead be IEEE float16 (little endian, same
-//   shape [Nt, ngroups, 16], finite). The layout version stays 1: the dtype of
-//   the scales array says which (a lowbit file records it per array). float16
-//   costs 16 / G bits per weight instead of 32 / G, so int4 groups of 32 take
-//   4.5 b/w, llama.cpp Q4_0's size. Quantizers that target float16 choose each
-//   scale, round it to float16 and then compute the codes with the rounded
-//   scale, so no precision is lost after the codes are chosen.
+//   Scale dtype: the scales may instead be stored narrower, same shape and
+//   order [Nt, ngroups, 16]. The layout version stays 1: the dtype of the scales
+//   array says which (a lowbit file records it per layer).
+//     float16: IEEE binary16, little endian, finite. 16 / G bits per weight
+//       instead of 32 / G: int4 groups of 32 take 4.5 b/w, llama.cpp Q4_0's size.
+//     int8: signed codes c in [-127, 127] plus row scales d: float32 [Nt * 16]
+//       (row n = 16 t + i at index n, padding rows 0); scale = c * d. d is the
+//       row's largest |scale| / 127 rounded to 11 significant bits, so every
+//       c * d is exact in float32 and the kernels compute with exactly the
+//       values float32 tiles of c * d would hold. 8 / G + 32 / K bits per
+//       weight: int4 groups of 16 take 4.5 + 32 / K (4.56 at K = 576).
+//       Example: scales [0.5, -0.25, 0.01] in one row -> d = 0.5 / 127 =
+//       0.0039370... rounded to 0.0039367676 (11 bits), c = [127, -64, 3].
+//   Quantizers that target a narrow dtype choose each scale, round it as the
+//   dtype stores it and then compute the codes with the rounded scale, so no
+//   precision is lost after the codes are chosen.
 //   Integer accumulation: |u * x| <= 255 * 127 per product, so a group's
 //   int32 sum cannot overflow for G <= 65536 (the kernels reject larger).
 //

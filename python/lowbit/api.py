@@ -25,15 +25,17 @@ MIN_WEIGHTS = 4096
 # on SmolLM2 / Emma a per-row int8 head added 0.19% perplexity, g64 0.04%.
 LARGE_TABLE = 1 << 20
 HEAD_GROUP = 64
-# The default weight format (issue 9/11): int4 groups of 32 with float16 scales
-# (4.5 bits/weight, llama.cpp Q4_0's size) and the data-free error-minimising
-# scale search. SmolLM2-135M on Emma (32 x 512, float32 27.612): 1.207x float32,
-# against Q4_0's 1.215x; the earlier default (g128, float32 scales, round to
-# nearest: groups of 96 on its 576-wide layers, 4.31 b/w) was 1.284x. Group 32
-# costs 3-9% of the int4 weight-only GEMV's time against g128 (AVX2, 8192x2048).
-DEFAULT_GROUP = 32
+# The default weight format (issue 9/11): int4 groups of 16 whose scales are
+# int8 codes under one float32 scale per row (4.5 + 32 / K bits/weight: 4.55 on
+# SmolLM2's 576-wide layers), with the data-free error-minimising scale search.
+# SmolLM2-135M on Emma (32 x 512, float32 27.612), same session: 1.145x float32,
+# against llama.cpp Q4_0's 1.215x at 4.5 b/w; int4 g32 with float16 scales (4.5
+# b/w, Q4_0's layout) 1.207x; the earlier default (g128 float32 scales, round to
+# nearest: groups of 96 there, 4.31 b/w) 1.284x. The int4 weight-only GEMV runs at
+# ~0.9x of g128's speed (AVX2, 8192 x 2048; more scale work per weight).
+DEFAULT_GROUP = 16
 DEFAULT_METHOD = "mse"
-DEFAULT_SCALE_DTYPE = "float16"
+DEFAULT_SCALE_DTYPE = "int8"
 
 
 def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool]:
@@ -67,7 +69,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         per format is measured on ``calibration_data``, or without data its relative
         weight error stands in); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
-      group_size: scales per this many inputs (default 32; None: per row). Where it does not
+      group_size: scales per this many inputs (default 16; None: per row). Where it does not
         divide a layer's inputs, the nearest divisor is used (the largest not above
         it, e.g. 96 for 576 inputs at 128; see config.fit_group) and reported.
       symmetric: signed codes (default) or codes with zero points.
@@ -95,11 +97,13 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         of at least 2^20 weights, round to nearest; None keeps them in float.
         An embedding tied to a quantized head becomes a TiedQuantEmbedding that
         reads its rows from the head's tiles (one copy of the table, quantized).
-      scale_dtype: "float16" (default) or "float32" for the scales of int8/int4
-        layers and heads (2-bit layers keep float32): float16 halves the scale
-        bytes, e.g. int4 groups of 32 at 4.5 bits/weight, llama.cpp Q4_0's size.
-        Every method chooses its codes under the rounded scales. The format before
-        this default: ``group_size=128, method="rtn", scale_dtype="float32"``.
+      scale_dtype: how the scales of int8/int4 layers and heads are stored
+        (2-bit layers keep float32): "int8" (default: per-group codes times one
+        float32 scale per row, a quarter of the bytes: int4 groups of 16 at
+        4.5 + 32 / K bits/weight), "float16" (half: int4 groups of 32 at 4.5, llama.cpp
+        Q4_0's size) or "float32". Every method chooses its codes under the
+        rounded scales. The format before this default: ``group_size=128,
+        method="rtn", scale_dtype="float32"``.
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))

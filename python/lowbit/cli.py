@@ -264,8 +264,8 @@ def folder_info(path, out=None) -> dict:
     return qc
 
 
-def quantize_model(source: str, dest: str, bits: int = 4, group_size=32, activations=None, symmetric=True,
-                   out=None, embeddings=None, scale_dtype: str = "float16") -> int:
+def quantize_model(source: str, dest: str, bits: int = 4, group_size=16, activations=None, symmetric=True,
+                   out=None, embeddings=None, scale_dtype: str = "int8") -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
     and write a lowbit file; the transformers config travels in its header."""
     out = out or sys.stdout
@@ -315,9 +315,10 @@ def main(argv=None) -> int:
     q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
     q.add_argument("dest", help="output .safetensors path (written atomically)")
     q.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    q.add_argument("--group-size", type=int, default=32, help="0 for per-row scales")
-    q.add_argument("--scale-dtype", choices=("float16", "float32"), default="float16",
-                   help="scales of the int8/int4 tiles (float16: int4 g32 at 4.5 bits/weight)")
+    q.add_argument("--group-size", type=int, default=16, help="0 for per-row scales")
+    q.add_argument("--scale-dtype", choices=("int8", "float16", "float32"), default="int8",
+                   help="scales of the int8/int4 tiles (int8 codes x a float32 row scale: int4 g16 at "
+                        "4.5 + 32/K bits/weight; float16: int4 g32 at 4.5)")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
     q.add_argument("--embeddings", type=int, choices=(8, 4), default=None,

@@ -59,7 +59,8 @@ def test_quantize_while_loading_matches_lowbit_quantize(quantized, smollm2_path)
     model, _ = quantized
     layers = [m for m in model.modules() if isinstance(m, lowbit.nn.QuantLinear)]
     assert len(layers) == 210 and isinstance(model.lm_head, torch.nn.Linear)  # transformers' default skip
-    assert model.config.quantization_config.layers["model.layers.0.mlp.down_proj"][:3] == [4, 128, True]
+    record = model.config.quantization_config.layers["model.layers.0.mlp.down_proj"]
+    assert record[:3] == [4, 16, True] and record[7] == "int8"  # the defaults: g16, int8 scale codes
     float_model, _ = material.load_smollm2()
     lowbit.quantize(float_model, bits=4, exclude="lm_head", heads=None, embeddings=None, progress=False)
     assert torch.equal(logits(model), logits(float_model))
@@ -106,7 +107,7 @@ def test_other_formats_round_trip(smollm2_path, tmp_path, kwargs):
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     q = model.model.layers[1].self_attn.q_proj
     assert q.config.bits == kwargs["bits"] and q.config.act_bits == kwargs.get("activations")
-    scale_dtype = kwargs.get("scale_dtype", "float32")
+    scale_dtype = kwargs.get("scale_dtype", "int8")
     assert q.config.scale_dtype == scale_dtype and q.scales.dtype == getattr(torch, scale_dtype)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -345,8 +346,7 @@ def test_lowbit_info_reads_a_save_pretrained_folder(quantized, tmp_path, capsys)
     _, folder = quantized
     assert cli.main(["info", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "210 lowbit layers" in out and "model.layers.0.mlp.down_proj" in out and "int4 g128" in out
-    assert "int4 g96" in out  # 576-wide inputs at group 128
+    assert "210 lowbit layers" in out and "model.layers.0.mlp.down_proj" in out and "int4 g16 int8-scales" in out
     assert cli.main(["info", str(tmp_path)]) == 1  # no config.json: one clear line, not a traceback
     assert "no config.json" in capsys.readouterr().err
 
@@ -379,7 +379,7 @@ def test_lowbit_load_reads_a_save_pretrained_folder(quantized, smollm2_path, tmp
     shutil.copytree(folder, bad)
     config = json.loads((bad / "config.json").read_text())
     layers = config["quantization_config"]["layers"]
-    layers["model.layers.3.mlp.up_proj"][1] = 32  # another group size: other scale shapes
+    layers["model.layers.3.mlp.up_proj"][1] = 64  # another group size: other scale shapes
     (bad / "config.json").write_text(json.dumps(config))
     victim = hf_skeleton(folder)
     with pytest.raises(FormatError, match="up_proj.scales"):

@@ -70,10 +70,10 @@ class LowbitConfig(QuantizationConfigMixin):
       method: "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
       modules_to_not_convert: module names kept in float (added to transformers'
         default: the output head and tied weights).
-      scale_dtype: "float16" (default), "float32" or "int8" (int8/int4 layers;
-        float16 halves the scale bytes: int4 groups of 32 at 4.5 bits/weight;
-        int8 codes with one float32 scale per row quarter them).
-      The defaults are lowbit.quantize's (int4, groups of 32, float16 scales, "mse").
+      scale_dtype: "int8" (default), "float16" or "float32" (int8/int4 layers;
+        int8 codes with one float32 scale per row quarter the scale bytes: int4
+        groups of 16 at 4.5 + 32 / K bits/weight; float16 halves them).
+      The defaults are lowbit.quantize's (int4, groups of 16, int8 scale codes, "mse").
       layers: filled when a model is quantized: {name: [bits, group_size,
         symmetric, act_bits, code_bits, has_input_scale, act_scale(, "float16")]}
         so a pre-quantized checkpoint rebuilds the exact layers.

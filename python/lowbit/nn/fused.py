@@ -85,6 +85,8 @@ def fuse(mods) -> QuantLinear:
     out.data = torch.cat([m.data for m in mods])
     out.scales = torch.cat([m.scales for m in mods])
     out.offsets = None if a.offsets is None else torch.cat([m.offsets for m in mods])
+    # Whole tiles only (_fusable), so the members' row scales line up end to end.
+    out.row_scales = None if a.row_scales is None else torch.cat([m.row_scales for m in mods])
     if a.bias is not None:
         out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]),
                                 requires_grad=any(m.bias.requires_grad for m in mods))

@@ -168,3 +168,15 @@ def test_save_load_and_stream_round_trip(tmp_path, scale_dtype):
     assert info.tensors["0.scales"].dtype == {"float16": "F16", "int8": "I8"}[scale_dtype]
     # The 64-byte-multiple tensors come first, so each starts aligned.
     assert all(t.begin % 64 == 0 for n, t in info.tensors.items() if n.endswith((".data", ".row_scales")))
+
+
+def test_a_budget_between_int4_formats_mixes_them_without_int2():
+    # Default g16 int8 codes cost 4 + 0.5 + 32 / K; a 4.4 budget sits between that
+    # and g64 (4.125 + 32 / K): int4 at both groups, never int2.
+    model = _mlp()
+    lowbit.quantize(model, bits=4.4, progress=False)
+    s = lowbit.summary(model)
+    configs = {r["config"] for r in s["layers"]}
+    assert s["bits_per_weight"] <= 4.4 + 1e-9
+    assert not any(c.startswith("W2") for c in configs), configs
+    assert {"W4 g16 int8-scales", "W4 g64 int8-scales"} <= configs, configs

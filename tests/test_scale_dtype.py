@@ -1,6 +1,9 @@
-"""float16 scales (formats.h "scale dtype"): quantize_array rounds the scales before
-choosing codes, every layer type and method stores them in half the bytes, and the
-files and folders that hold them load back bit for bit."""
+"""Narrow scales (formats.h "scale dtype": float16, int8 codes with row scales):
+quantize_array rounds the scales before choosing codes, every layer type and
+method stores them in fewer bytes, the files and folders that hold them load back
+bit for bit, and the defaults (int4 g16 int8 codes, method "auto") hold."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +183,15 @@ def test_a_budget_between_int4_formats_mixes_them_without_int2():
     assert s["bits_per_weight"] <= 4.4 + 1e-9
     assert not any(c.startswith("W2") for c in configs), configs
     assert {"W4 g16 int8-scales", "W4 g64 int8-scales"} <= configs, configs
+
+
+def test_default_method_is_mse_for_int4_and_rtn_for_int8():
+    model = _mlp()
+    for bits, method in ((4, "mse"), (8, "rtn")):
+        q = lowbit.quantize(copy.deepcopy(model), bits=bits, progress=False)
+        for i in (0, 2, 4):
+            expect = QuantLinear.from_linear(model[i], QuantConfig(bits, 16, scale_dtype="int8"), method=method)
+            assert torch.equal(q[i].dequantized_weight(), expect.dequantized_weight()), (bits, i)
+    other = QuantLinear.from_linear(model[0], QuantConfig(4, 16, scale_dtype="int8"), method="rtn")
+    assert not torch.equal(other.dequantized_weight(), lowbit.quantize(copy.deepcopy(model), bits=4,
+                                                                       progress=False)[0].dequantized_weight())

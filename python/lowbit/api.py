@@ -34,7 +34,7 @@ HEAD_GROUP = 64
 # nearest: groups of 96 there, 4.31 b/w) 1.284x. The int4 weight-only GEMV runs at
 # ~0.9x of g128's speed (AVX2, 8192 x 2048; more scale work per weight).
 DEFAULT_GROUP = 16
-DEFAULT_METHOD = "mse"
+DEFAULT_METHOD = "auto"  # mse for int4 layers, rtn for int8 (config.resolve_method)
 DEFAULT_SCALE_DTYPE = "int8"
 
 
@@ -76,10 +76,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
       activations: None (weight-only, float activations) or 8 (int8 activations,
         integer kernels: W8A8 / W4A8): per token (dynamic), or static per-tensor
         scales calibrated by ``observer`` when ``calibration_data`` is given.
-      method: "rtn" (round to nearest with the range rule's scales), "mse" (the
-        default; data-free too: per group the scale, and zero point, with the least
-        squared weight error from a search around the range rule's; same format and
-        kernels), "gptq"
+      method: "auto" (the default: "mse" for 4/3-bit layers, "rtn" for 8-bit ones),
+        "rtn" (round to nearest with the range rule's scales), "mse" (data-free
+        too: per group the scale, and zero point, with the least squared weight
+        error from a search around the range rule's; same format and kernels), "gptq"
         (Hessian-aware error feedback, ``act_order`` optional) or "awq"
         (activation-aware channel scaling + clip search); the last two need
         ``calibration_data``.

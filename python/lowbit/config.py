@@ -37,6 +37,16 @@ def fit_group(group_size: Optional[int], in_features: int, multiple: int) -> Opt
     return min(above) if above else None
 
 
+def resolve_method(method: str, bits: int) -> str:
+    """The data-free method a layer of ``bits`` gets: "auto" is "mse" (the
+    error-minimising scale search) up to 4 bits and "rtn" for 8 bits, where
+    clipping the largest weights costs more than the finer grid gains (SmolLM2 int8
+    per row, int8 scale codes, Emma, 8 windows: rtn 1.005x float32, mse 1.008x)."""
+    if method != "auto":
+        return method
+    return "rtn" if bits == 8 else "mse"
+
+
 def storage_bits(code_bits: int) -> int:
     """The layer format holding codes of this width: 3-bit codes go in int4 tiles."""
     return 2 if code_bits == 2 else 4 if code_bits <= 4 else 8

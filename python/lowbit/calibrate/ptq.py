@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import QuantConfig, storage_bits
+from ..config import QuantConfig, resolve_method, storage_bits
 from .data import StopForward, forward_all
 from .memory import FreedMemoryReleaser
 from .observers import make_observer
 from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
 
-METHODS = ("rtn", "mse", "gptq", "awq")
-DATA_FREE = ("rtn", "mse")
+METHODS = ("auto", "rtn", "mse", "gptq", "awq")
+DATA_FREE = ("auto", "rtn", "mse")  # "auto": config.resolve_method per layer
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def weight_sensitivities(targets: list, candidates: list, symmetric: bool, metho
         for c in candidates:
             plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
             q = quantize_array(w, bits=plan.bits, group_size=plan.group_size, symmetric=symmetric or plan.bits == 2,
-                               method=method, scale_dtype=plan.scale_dtype)
+                               method=resolve_method(method, plan.bits), scale_dtype=plan.scale_dtype)
             d = dequantize_array(q) - w
             out[name][plan] = float(np.square(d, dtype=np.float64).sum()) / max(ref, 1e-30)
     return out
@@ -328,6 +328,7 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
 def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, static, observer, act_order):
     from ..nn import QuantLinear
     w = mod.weight.detach().float()
+    method = resolve_method(method, plan.bits)
     if method == "gptq":
         factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
         q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor,

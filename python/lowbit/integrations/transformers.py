@@ -67,7 +67,7 @@ class LowbitConfig(QuantizationConfigMixin):
       group_size: scales per this many inputs (None: per row); fitted per layer.
       symmetric: signed codes (default) or codes with zero points.
       activations: None (weight-only) or 8 (dynamic per-token int8, W8A8 / W4A8).
-      method: "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
+      method: "auto" (default: mse for int4, rtn for int8), "rtn" or "mse" (data-free; calibrated methods need lowbit.quantize).
       modules_to_not_convert: module names kept in float (added to transformers'
         default: the output head and tied weights).
       scale_dtype: "int8" (default), "float16" or "float32" (int8/int4 layers;

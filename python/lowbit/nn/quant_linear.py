@@ -11,7 +11,7 @@ from torch import nn
 from .. import _C, ops  # noqa: F401  (ops registers torch.ops.lowbit)
 
 from ..arrays import QArray, quantize_array
-from ..config import QuantConfig, storage_bits
+from ..config import QuantConfig, resolve_method, storage_bits
 from ..matmul import KSTEP, PackedWeights, dequantize_packed, pack_weights
 from .fake_quantize import fake_quantize_per_token
 
@@ -90,15 +90,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig(), method: str = "rtn") -> "QuantLinear":
-        """The layer quantized data-free: method "rtn" (range rule) or "mse"
-        (error-minimising scale search; see lowbit.quantize_array)."""
+        """The layer quantized data-free: method "rtn" (range rule), "mse"
+        (error-minimising scale search; see lowbit.quantize_array) or "auto"
+        (config.resolve_method: mse up to 4 bits, rtn for 8)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
-                                  symmetric=c.symmetric, method=method, scale_dtype=c.scale_dtype))
+                                  symmetric=c.symmetric, method=resolve_method(method, c.bits),
+                                  scale_dtype=c.scale_dtype))
         mod._copy_bias(linear.bias)
         return mod
 

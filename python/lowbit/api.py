@@ -8,7 +8,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import GROUP_MULTIPLE, QuantConfig, fit_group, storage_bits
+from .config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, GROUP_MULTIPLE, QuantConfig, fit_group, \
+    storage_bits
 from .nn import QuantLinear
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -25,17 +26,6 @@ MIN_WEIGHTS = 4096
 # on SmolLM2 / Emma a per-row int8 head added 0.19% perplexity, g64 0.04%.
 LARGE_TABLE = 1 << 20
 HEAD_GROUP = 64
-# The default weight format (issue 9/11): int4 groups of 16 whose scales are
-# int8 codes under one float32 scale per row (4.5 + 32 / K bits/weight: 4.55 on
-# SmolLM2's 576-wide layers), with the data-free error-minimising scale search.
-# SmolLM2-135M on Emma (32 x 512, float32 27.612), same session: 1.145x float32,
-# against llama.cpp Q4_0's 1.215x at 4.5 b/w; int4 g32 with float16 scales (4.5
-# b/w, Q4_0's layout) 1.207x; the earlier default (g128 float32 scales, round to
-# nearest: groups of 96 there, 4.31 b/w) 1.284x. The int4 weight-only GEMV runs at
-# ~0.9x of g128's speed (AVX2, 8192 x 2048; more scale work per weight).
-DEFAULT_GROUP = 16
-DEFAULT_METHOD = "auto"  # mse for int4 layers, rtn for int8 (config.resolve_method)
-DEFAULT_SCALE_DTYPE = "int8"
 
 
 def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool]:

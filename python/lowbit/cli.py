@@ -8,6 +8,8 @@ import time
 import numpy as np
 
 from . import arrays, runtime
+from .arrays import SCALE_DTYPES
+from .config import DEFAULT_GROUP, DEFAULT_SCALE_DTYPE, SCALE_LABEL
 from ._version import __version__
 
 # (label, bits, group_size, symmetric)
@@ -200,7 +202,6 @@ def info(out=None) -> None:
 def file_info(path, out=None):
     """Print the per-tensor table of a lowbit file (header only; nothing is loaded)."""
     out = out or sys.stdout
-    from .config import SCALE_LABEL
     from .io import read_info
     fi = read_info(path)
     layer_of = {}
@@ -234,7 +235,6 @@ def folder_info(path, out=None) -> dict:
     a lowbit model (quantization_config with quant_method "lowbit")."""
     import os
 
-    from .config import SCALE_LABEL
     from .integrations.hf_folder import read_quantization_config, shards
     from .io import FormatError, read_header
     out = out or sys.stdout
@@ -264,8 +264,8 @@ def folder_info(path, out=None) -> dict:
     return qc
 
 
-def quantize_model(source: str, dest: str, bits: int = 4, group_size=16, activations=None, symmetric=True,
-                   out=None, embeddings=None, scale_dtype: str = "int8") -> int:
+def quantize_model(source: str, dest: str, bits: int = 4, group_size=DEFAULT_GROUP, activations=None,
+                   symmetric=True, out=None, embeddings=None, scale_dtype: str = DEFAULT_SCALE_DTYPE) -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
     and write a lowbit file; the transformers config travels in its header."""
     out = out or sys.stdout
@@ -315,8 +315,8 @@ def main(argv=None) -> int:
     q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
     q.add_argument("dest", help="output .safetensors path (written atomically)")
     q.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    q.add_argument("--group-size", type=int, default=16, help="0 for per-row scales")
-    q.add_argument("--scale-dtype", choices=("int8", "float16", "float32"), default="int8",
+    q.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="0 for per-row scales")
+    q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=DEFAULT_SCALE_DTYPE,
                    help="scales of the int8/int4 tiles (int8 codes x a float32 row scale: int4 g16 at "
                         "4.5 + 32/K bits/weight; float16: int4 g32 at 4.5)")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")

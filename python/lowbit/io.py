@@ -48,6 +48,7 @@ from typing import Optional
 
 import numpy as np
 
+from .arrays import SCALE_DTYPES
 from .config import GROUP_MULTIPLE
 from .matmul import KSTEP, TILE_ROWS
 
@@ -445,7 +446,7 @@ def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] 
     if not isinstance(m, dict) or set(m) - {"scale_dtype"} != _LAYER_FIELDS:
         raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)} "
                           f"(and optionally scale_dtype)")
-    if m.get("scale_dtype", "float32") not in ("float32", "float16", "int8") or \
+    if m.get("scale_dtype", "float32") not in SCALE_DTYPES or \
             (m.get("scale_dtype", "float32") != "float32" and m["bits"] == 2):
         raise FormatError(f"{where}: scale_dtype must be float32, or float16 / int8 for int8/int4 layers")
     if m["module"] != "QuantLinear":

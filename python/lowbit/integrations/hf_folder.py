@@ -7,9 +7,11 @@ What such a folder holds:
     LowbitConfig.to_dict(), whose ``layers`` maps each quantized module name to a
     record ``[bits, group_size, symmetric, act_bits, code_bits, has_input_scale,
     act_scale]`` (bits 8/4/2 is the storage, code_bits the codes' precision),
-    with an eighth entry "float16" when the layer's scales are float16.
+    with an eighth entry, the scale dtype ("float16" or "int8"), when the layer's
+    scales are not float32.
   * *.safetensors (one file or shards): for a quantized layer ``{name}.data``
-    (U8 tiles), ``{name}.scales`` (F32, or F16 per the record) and, asymmetric, ``{name}.offsets`` (I32),
+    (U8 tiles), ``{name}.scales`` (F32, or F16 / I8 per the record; I8 codes come
+    with ``{name}.row_scales``, F32) and, asymmetric, ``{name}.offsets`` (I32),
     in the tiled-v1 layout of csrc/lowbit/formats.h exactly as QuantLinear holds
     them (io.expected_packed_shapes gives the shapes), plus ``input_scale`` (F32,
     AWQ) and ``bias`` when present; every other tensor as transformers writes it.
@@ -38,7 +40,7 @@ def layer_record(mod) -> list:
     c = mod.config
     record = [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
               float(mod.act_scale)]
-    # Only float16 scales add the entry: folders of float32 layers stay readable
+    # Only narrow scales add the entry: folders of float32 layers stay readable
     # by earlier lowbit versions, which refuse what they could not run.
     return record + ([c.scale_dtype] if c.scale_dtype != "float32" else [])
 

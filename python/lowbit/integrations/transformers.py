@@ -46,10 +46,10 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..api import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, _set_module
+from ..api import _set_module
 from ..calibrate.ptq import DATA_FREE
 from ..arrays import SCALE_DTYPES
-from ..config import QuantConfig, storage_bits
+from ..config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, QuantConfig, storage_bits
 from ..nn import QuantLinear
 from .hf_folder import layer_record, placeholder
 

@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include <mutex>
+
+#include "lowbit/decoder.h"
 #include "lowbit/kernels.h"
 #include "lowbit/parallel.h"
 #include "lowbit/residency.h"
@@ -514,6 +517,133 @@ auto OnMappedRange(const py::array& a, const char* what, const Fn& fn) {
   return fn(p, n);
 }
 
+// ---- native decoder (decoder.h) ----
+// The decoder keeps raw pointers into the weight arrays: it holds a reference
+// to every array it was given, so they outlive it whatever Python does with the
+// model; a mutex serialises calls from several Python threads.
+struct PyDecoder {
+  explicit PyDecoder(lowbit::DecoderConfig c) : d(std::move(c)) {}
+  lowbit::Decoder d;
+  std::vector<py::object> keep_alive;
+  std::mutex mu;
+};
+
+std::vector<float> FloatVector(const py::object& obj, const char* name, size_t n) {
+  const py::array a = obj.cast<py::array>();
+  CheckFlat(a, name, Kind::kF32, n, false);
+  const float* p = static_cast<const float*>(a.data());
+  return std::vector<float>(p, p + n);
+}
+
+// One projection from a dict with the QuantLinear's arrays and format facts.
+lowbit::DecoderProjection Projection(PyDecoder& self, const py::dict& spec) {
+  auto get = [&](const char* key) -> py::object {
+    if (!spec.contains(key)) Fail(std::string("projection spec lacks '") + key + "'");
+    return spec[key];
+  };
+  const py::array data = get("data").cast<py::array>(), scales = get("scales").cast<py::array>();
+  const py::object offsets = get("offsets"), row_scales = get("row_scales"), bias = get("bias");
+  const py::object input_scale = get("input_scale");
+  lowbit::DecoderProjection p;
+  p.w = Tiled(get("bits").cast<int>(), get("n").cast<size_t>(), get("k").cast<size_t>(),
+              get("group").cast<size_t>(), data, scales, offsets, row_scales);
+  p.bias = PaddedBias(bias, p.w);
+  if (!input_scale.is_none()) p.input_scale = FloatVector(input_scale, "input_scale", p.w.k);
+  p.act_bits = get("act_bits").cast<int>();
+  p.act_scale = get("act_scale").cast<float>();
+  if (!(p.act_scale >= 0.0f) || p.act_scale > 3.0e38f) Fail("act_scale must be finite and >= 0 (0: dynamic)");
+  p.col = get("col").cast<size_t>();
+  for (const py::object& o : {py::object(data), py::object(scales), offsets, row_scales})
+    if (!o.is_none()) self.keep_alive.push_back(o);
+  return p;
+}
+
+lowbit::DecoderConfig MakeDecoderConfig(size_t hidden, size_t heads, size_t kv_heads, size_t head_dim,
+                                        size_t intermediate, float eps, float attn_scale, float rope_scale,
+                                        const py::array& inv_freq) {
+  lowbit::DecoderConfig c;
+  c.hidden = hidden;
+  c.heads = heads;
+  c.kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.intermediate = intermediate;
+  c.eps = eps;
+  c.attn_scale = attn_scale;
+  c.rope_scale = rope_scale;
+  c.inv_freq = FloatVector(inv_freq, "inv_freq", head_dim / 2);
+  return c;
+}
+
+void BindDecoder(py::module_& m) {
+  py::class_<PyDecoder>(m, "Decoder", "Native Llama-family decoder (use lowbit.llm.NativeDecoder).")
+      .def(py::init([](size_t hidden, size_t heads, size_t kv_heads, size_t head_dim, size_t intermediate,
+                       float eps, float attn_scale, float rope_scale, const py::array& inv_freq) {
+             return new PyDecoder(MakeDecoderConfig(hidden, heads, kv_heads, head_dim, intermediate, eps,
+                                                    attn_scale, rope_scale, inv_freq));
+           }),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
+           py::arg("eps"), py::arg("attn_scale"), py::arg("rope_scale"), py::arg("inv_freq"))
+      .def("add_layer", [](PyDecoder& self, const py::array& attn_norm, const py::array& mlp_norm,
+                           const py::list& qkv, const py::list& o, const py::list& gate_up, const py::list& down) {
+             const size_t hid = self.d.Config().hidden;
+             lowbit::DecoderLayer layer;
+             layer.attn_norm = FloatVector(attn_norm, "attn_norm", hid);
+             layer.mlp_norm = FloatVector(mlp_norm, "mlp_norm", hid);
+             const py::list* slots[lowbit::kSlots] = {&qkv, &o, &gate_up, &down};
+             for (int s = 0; s < lowbit::kSlots; ++s)
+               for (const py::handle h : *slots[s]) layer.proj[s].push_back(Projection(self, h.cast<py::dict>()));
+             std::lock_guard<std::mutex> lock(self.mu);
+             self.d.AddLayer(std::move(layer));
+           })
+      .def("set_final", [](PyDecoder& self, const py::array& norm, const py::object& head) {
+             std::vector<float> n = FloatVector(norm, "norm", self.d.Config().hidden);
+             std::lock_guard<std::mutex> lock(self.mu);
+             if (head.is_none()) {
+               self.d.SetFinal(std::move(n), nullptr);
+             } else {
+               const lowbit::DecoderProjection p = Projection(self, head.cast<py::dict>());
+               self.d.SetFinal(std::move(n), &p);
+             }
+           })
+      .def("forward", [](PyDecoder& self, const py::array& x, size_t keep, bool logits) {
+             const size_t hid = self.d.Config().hidden;
+             CheckKind(x, "x", Kind::kF32);
+             if (x.ndim() != 2 || static_cast<size_t>(x.shape(1)) != hid || !(x.flags() & py::array::c_style))
+               Fail("x must be a C-contiguous float32 array [tokens, " + std::to_string(hid) + "]");
+             const size_t m = x.shape(0);
+             if (m == 0) Fail("x must hold at least one token");
+             if (keep > m) Fail("keep must be <= the number of tokens");
+             if (logits && self.d.Vocab() == 0) Fail("this decoder has no quantized head: ask for hidden states");
+             py::array_t<float> hidden({keep, hid});
+             py::object out = py::none();
+             float* lp = nullptr;
+             if (logits) {
+               py::array_t<float> l({keep, self.d.Vocab()});
+               lp = l.mutable_data();
+               out = l;
+             }
+             const float* px = static_cast<const float*>(x.data());
+             float* hp = hidden.mutable_data();
+             bool ok;
+             {
+               py::gil_scoped_release release;
+               std::lock_guard<std::mutex> lock(self.mu);
+               ok = self.d.Forward(px, m, keep, hp, lp);
+             }
+             if (!ok) Fail("a NaN reached an int8 activation quantizer: the model's activations are not finite");
+             return py::make_tuple(hidden, out);
+           },
+           py::arg("x"), py::arg("keep"), py::arg("logits"))
+      .def("truncate", [](PyDecoder& self, size_t pos) {
+             std::lock_guard<std::mutex> lock(self.mu);
+             self.d.Truncate(pos);
+           })
+      .def_property_readonly("position", [](PyDecoder& self) { return self.d.Position(); })
+      .def_property_readonly("layers", [](PyDecoder& self) { return self.d.Layers(); })
+      .def_property_readonly("vocab", [](PyDecoder& self) { return self.d.Vocab(); })
+      .def_property_readonly("cache_capacity", [](PyDecoder& self) { return self.d.CacheCapacity(); });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -623,4 +753,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("restrict_targets", &lowbit::RestrictTargets,
         "Test hook: limit dispatch to the targets in mask (0 removes the limit).");
   m.def("cpu_features", &CpuFeatures);
+  BindDecoder(m);
 }

@@ -30,6 +30,8 @@ _TORCH_API = {
     "load": ("io", "load"),
     "eval": ("eval", None),
     "fuse_projections": ("nn", "fuse_projections"),
+    "llm": ("llm", None),
+    "NativeDecoder": ("llm", "NativeDecoder"),
     # transformers' quantization_config; importing it registers quant_method="lowbit".
     "LowbitConfig": ("integrations.transformers", "LowbitConfig"),
 }

@@ -135,19 +135,15 @@ bool Decoder::Layer(size_t index, size_t m) {
   for (DecoderProjection& p : layer.proj[kSlotQkv])
     if (!Project(p, xn_.data(), hp, m, qkv_.data(), qkv_n)) return false;
 
-  // RoPE on q and k (rotate-half pairs), then k and v into the cache.
+  // RoPE on q and k (rotate-half pairs; cos/sin per row from Forward), then
+  // k and v into the cache.
   const size_t half = d / 2;
-  std::vector<float> cs(half), sn(half);
   float* kc = kcache_[index].data();
   float* vc = vcache_[index].data();
   for (size_t r = 0; r < m; ++r) {
     const size_t pos = position_ + r;
-    for (size_t j = 0; j < half; ++j) {
-      // float32 angle, as transformers computes it (inv_freq times position).
-      const float angle = c.inv_freq[j] * static_cast<float>(pos);
-      cs[j] = std::cos(angle) * c.rope_scale;
-      sn[j] = std::sin(angle) * c.rope_scale;
-    }
+    const float* cs = rope_.data() + r * d;
+    const float* sn = cs + half;
     float* row = qkv_.data() + r * qkv_n;
     for (size_t h = 0; h < heads + kvh; ++h) {
       float* v = row + h * d;
@@ -202,6 +198,16 @@ bool Decoder::Forward(const float* x, size_t m, size_t keep, float* hidden, floa
     xsum_.assign(m * widest, 0);
   }
   std::memcpy(x_.data(), x, m * hid * sizeof(float));
+  // cos / sin of every row's angles, once for all layers: [m][cos half | sin half].
+  const size_t half = d / 2;
+  rope_.resize(m * d);
+  for (size_t r = 0; r < m; ++r)
+    for (size_t j = 0; j < half; ++j) {
+      // float32 angle, as transformers computes it (inv_freq times position).
+      const float angle = c.inv_freq[j] * static_cast<float>(position_ + r);
+      rope_[r * d + j] = std::cos(angle) * c.rope_scale;
+      rope_[r * d + half + j] = std::sin(angle) * c.rope_scale;
+    }
   for (size_t l = 0; l < layers_.size(); ++l)
     if (!Layer(l, m)) return false;  // position_ unchanged: the next forward overwrites these entries
   const size_t first = m - keep;

@@ -100,7 +100,7 @@ class Decoder {
   std::vector<std::vector<float>> kcache_, vcache_;  // per layer [kv_heads][capacity_][head_dim]
   // Work buffers, grown to the largest m seen. Inputs of projections are
   // zero-padded to a multiple of 8 columns (the int4 k-step) and stay so.
-  std::vector<float> x_, xn_, qkv_, attn_, tmp_, gu_, act_, scaled_;
+  std::vector<float> x_, xn_, qkv_, attn_, tmp_, gu_, act_, scaled_, rope_;
   std::vector<int8_t> xq_;
   std::vector<float> xscale_;
   std::vector<int32_t> xsum_;

@@ -133,11 +133,12 @@ void AttendRowsImpl(const float* q, size_t q_stride, size_t m, size_t heads, siz
                     const float* kcache, const float* vcache, size_t capacity, size_t pos0, float scale,
                     float* out, size_t out_stride) {
   const size_t group = heads / kv_heads;
-  // One task = one (row, head); a decode step (m = 1) has `heads` tasks of
-  // ~L * d * 4 flops each, so it is split only once the context is long.
+  // One task = one (row, head) of ~L * d * 4 flops; a chunk should hold about
+  // 2^14 multiply-adds (a few microseconds, what a pool hand-off costs), so a
+  // decode step (m = 1, `heads` tasks) splits from about 256 / d positions on.
   const size_t tasks = m * heads;
   const size_t work = (pos0 + m) * d;
-  const size_t min_chunk = std::max<size_t>(1, (size_t(1) << 16) / std::max<size_t>(1, work));
+  const size_t min_chunk = std::max<size_t>(1, (size_t(1) << 14) / std::max<size_t>(1, work));
   ParallelFor(tasks, min_chunk, [&](size_t t0, size_t t1) {
     std::vector<float> s(pos0 + m);
     hwy::AlignedFreeUniquePtr<float[]> acc = hwy::AllocateAligned<float>(d);

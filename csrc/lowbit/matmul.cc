@@ -269,7 +269,8 @@ void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_
                const TiledWeights& w, float* out, size_t out_stride) {
   if (m < 4) {
     // GEMV-like: 4 tiles at a time give 4 independent vpdpbusd chains
-    // (latency 5) and 4 weight streams in flight.
+    // (latency 5) and 4 weight streams in flight. (2 tiles on AVX2, as the
+    // float GEMV does, measured no better here: 1 thread worse, 2 better.)
     ForTileGroups<4>(w.tiles, [&](size_t t0, size_t nt) {
       for (size_t r = 0; r < m; ++r) {
         const int8_t* xr = xq + r * w.kp;
@@ -345,6 +346,9 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
       const size_t k0 = s * kStep;
       // Code j of each lane: (lane >> (bits * j)) & mask; int4 j = 0..7 reads
       // bytes j % 4 (low nibble for j < 4, high nibble after).
+      // Unrolled, so every shift count is an immediate (GCC 12 kept the loop,
+      // with the count in a register).
+#pragma GCC unroll 8
       for (size_t j = 0; j < kStep; ++j) {
         const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
         const int mask = (1 << kBits) - 1;
@@ -529,16 +533,20 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
   // applied per group there); each is deterministic for a given M.
   if (m >= 8) return FloatGemm<kBits>(x, m, x_stride, w, out, out_stride);
   if (m < 4) {
-    // GEMV-like: 4 tiles give 4 independent FMA chains per code (latency 4);
-    // with 2 the loop waited on the FMA latency (4096^2 int4: 0.8 ms).
-    ForTileGroups<4>(w.tiles, [&](size_t t0, size_t nt) {
+    // GEMV-like: 4 accumulator vectors give 4 independent FMA chains per code
+    // (latency 4; with 2 the loop waited on it, 4096^2 int4: 0.8 ms). That is 4
+    // tiles on AVX-512 but 2 on AVX2, whose tiles take 2 vectors each: 4 AVX2
+    // tiles needed 8 code + 8 offset + 16 accumulator vectors of 16 ymm and
+    // spilled every step. Tiles are independent: results do not depend on it.
+    constexpr size_t kNT = kVecs >= 4 ? 1 : 4 / kVecs;
+    ForTileGroups<kNT>(w.tiles, [&](size_t t0, size_t nt) {
       for (size_t r = 0; r < m; ++r) {
         const float* xr = x + r * x_stride;
         float* orow = out + r * out_stride;
         switch (nt) {
-          case 4: FloatBlock<1, 4, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
-          case 3: FloatBlock<1, 3, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
-          case 2: FloatBlock<1, 2, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          case 4: FloatBlock<1, kNT >= 4 ? 4 : 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          case 3: FloatBlock<1, kNT >= 3 ? 3 : 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
+          case 2: FloatBlock<1, kNT >= 2 ? 2 : 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
           default: FloatBlock<1, 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1);
         }
       }

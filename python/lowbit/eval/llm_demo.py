@@ -81,8 +81,10 @@ def run(out=None, windows: int = 8, n_prompt: int = 512, n_gen: int = 128, calib
           f"pp{n_prompt} / tg{n_gen} tokens/s; {threads} threads (torch and lowbit); kernels {lowbit.cpu_target()}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; bits/p: file bits per parameter",
           file=out)
+    print("pp / tg: through transformers (forward, generate); native tg: lowbit.NativeDecoder, the same "
+          "quantized layers decoded by one C++ call per token", file=out)
     header = f"{'model':28s} {'file MiB':>9s} {'bits/p':>7s} {'PPL':>8s} {'vs fp32':>8s} {'pp tok/s':>9s} " \
-             f"{'tg tok/s':>9s} {'quant s':>8s}  first sentence of the reply to: \"{PROMPT}\""
+             f"{'tg tok/s':>9s} {'native tg':>9s} {'quant s':>8s}  first sentence of the reply to: \"{PROMPT}\""
     print(header, file=out)
     print("-" * len(header), file=out)
     rows, ref_ppl = [], None
@@ -107,12 +109,17 @@ def run(out=None, windows: int = 8, n_prompt: int = 512, n_gen: int = 128, calib
         ref_ppl = ref_ppl or ppl
         pp = prompt_speed(model, n_prompt, repeats=2).tokens_per_s
         tg, text = generation_speed(model, tok, n_gen, repeats=1, prompt=PROMPT, return_text=True)
+        native_tg = None
+        if v.quantize is not None:
+            native_tg = generation_speed(lowbit.NativeDecoder(model), tok, n_gen, repeats=1, prompt=PROMPT)
         row = dict(model=v.label, file_bytes=size, bits_per_weight=bpw, ppl=ppl, ppl_ratio=ppl / ref_ppl,
                    pp_tokens_per_s=pp, tg_tokens_per_s=tg.tokens_per_s, quantize_s=t_quant,
+                   native_tg_tokens_per_s=None if native_tg is None else native_tg.tokens_per_s,
                    sample=first_sentence(text, 70))
         rows.append(row)
+        ntg = "-" if native_tg is None else f"{native_tg.tokens_per_s:.1f}"
         print(f"{v.label:28s} {size / 2**20:9.1f} {bpw:7.2f} {ppl:8.3f} {ppl / ref_ppl:8.3f} {pp:9.1f} "
-              f"{tg.tokens_per_s:9.1f} {t_quant:8.1f}  {row['sample']}", file=out, flush=True)
+              f"{tg.tokens_per_s:9.1f} {ntg:>9s} {t_quant:8.1f}  {row['sample']}", file=out, flush=True)
         if model is not base:
             del model
     print(_llamacpp_sizes(), file=out)

@@ -7,6 +7,9 @@
   KV cache after a short prompt; tokens/s = n_gen / time (the short prompt's
   prefill is included, as a user waiting for the text sees it).
 Each figure is the median of ``repeats`` timed runs after one warm-up run.
+
+``model`` may also be a :class:`lowbit.NativeDecoder`: pp is then one forward of
+its C++ decoder from an empty cache, tg its own greedy ``generate``.
 """
 from __future__ import annotations
 
@@ -37,15 +40,25 @@ def _median_time(fn, repeats: int, warmup=None) -> float:
     return statistics.median(times)
 
 
+def _native(model) -> bool:
+    from ..llm.native import NativeDecoder
+    return isinstance(model, NativeDecoder)
+
+
 def prompt_speed(model, n_prompt: int = 512, repeats: int = 3, seed: int = 0) -> Speed:
     """pp<n_prompt>: tokens/s of one forward over n_prompt random tokens."""
     if n_prompt < 1 or repeats < 1:
         raise ValueError(f"n_prompt and repeats must be >= 1, got {n_prompt}, {repeats}")
-    vocab = model.config.vocab_size
+    native = _native(model)
+    vocab = model.vocab_size if native else model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, n_prompt), generator=g)
 
     def run():
+        if native:
+            model.reset()
+            model(ids)
+            return
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
     t = _median_time(run, repeats)
@@ -55,6 +68,9 @@ def prompt_speed(model, n_prompt: int = 512, repeats: int = 3, seed: int = 0) ->
 def generate(model, tokenizer, prompt: str = DEFAULT_PROMPT, n_gen: int = 128):
     """Greedy generation of exactly n_gen tokens; returns (new token ids, prompt ids)."""
     enc = tokenizer(prompt, return_tensors="pt")
+    if _native(model):
+        out = model.generate(enc["input_ids"], n_gen, min_new_tokens=n_gen)
+        return out[0, enc["input_ids"].shape[1]:], enc["input_ids"][0]
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=n_gen, min_new_tokens=n_gen, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None

@@ -189,16 +189,16 @@ class NativeDecoder:
             raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
         return ids.long()
 
-    def _step(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """Runs ids after the cached positions; float32 logits of the last `keep` rows."""
+    def _step(self, ids: torch.Tensor, keep: int) -> np.ndarray:
+        """Runs ids after the cached positions; float32 logits [keep, vocab] of the last rows."""
         with torch.inference_mode():
             x = self.embed(ids[None])[0].to(torch.float32).contiguous().numpy()
         hidden, logits = self._dec.forward(x, keep, self._float_head is None)
         if logits is not None:
-            return torch.from_numpy(logits)
+            return logits
         with torch.inference_mode():
             return nn.functional.linear(torch.from_numpy(hidden).to(self._float_head.weight.dtype),
-                                        self._float_head.weight, self._float_head.bias).float()
+                                        self._float_head.weight, self._float_head.bias).float().numpy()
 
     def forward(self, input_ids, all_logits: bool = False) -> torch.Tensor:
         """Appends ``input_ids`` to the cache; returns float32 logits [vocab] of the
@@ -212,7 +212,7 @@ class NativeDecoder:
             out = self._step(chunk, keep)
             if keep:
                 outs.append(out)
-        return torch.cat(outs) if all_logits else outs[-1][0]
+        return torch.from_numpy(np.concatenate(outs) if all_logits else outs[-1][0])
 
     __call__ = forward
 
@@ -250,7 +250,7 @@ class NativeDecoder:
             streamer.put(ids[None])
         out = ids.tolist()
         self.reset()
-        logits = self.forward(ids) if max_new_tokens else None
+        logits = self.forward(ids).numpy() if max_new_tokens else None
         for i in range(max_new_tokens):
             token = self._choose(logits, do_sample, temperature, top_k, top_p, generator)
             out.append(token)
@@ -264,11 +264,11 @@ class NativeDecoder:
         return torch.tensor(out, dtype=torch.int64)[None]
 
     @staticmethod
-    def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+    def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
                 generator) -> int:
-        if not do_sample:
-            return int(torch.argmax(logits))
-        scores = logits / temperature
+        if not do_sample:  # NumPy: no torch thread wake-up per token
+            return int(np.argmax(logits))
+        scores = torch.from_numpy(logits) / temperature
         if top_k and top_k < scores.numel():
             kth = torch.topk(scores, top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -37,6 +37,9 @@ VARIANTS = {  # name -> (float dtype, lowbit.quantize kwargs or None)
     "lowbit W4A8": ("float32", dict(bits=4, activations=8)),
     "lowbit W8A8": ("float32", dict(bits=8, group_size=None, activations=8)),
     "lowbit int8": ("float32", dict(bits=8, group_size=None)),
+    # The same quantized models decoded by lowbit.NativeDecoder (one C++ call per token).
+    "lowbit int4 native": ("float32", dict(bits=4)),
+    "lowbit W4A8 native": ("float32", dict(bits=4, activations=8)),
 }
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 PPL_WINDOWS = 32
@@ -100,8 +103,9 @@ def worker(spec: dict) -> dict:
         out["file_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     out["quantize_s"] = time.perf_counter() - t0
     reps = spec.get("reps", 2)
-    out["pp"] = prompt_speed(model, 512, repeats=reps).tokens_per_s
-    out["tg"] = generation_speed(model, tok, 128, repeats=reps).tokens_per_s
+    runner = lowbit.NativeDecoder(model) if spec["variant"].endswith("native") else model
+    out["pp"] = prompt_speed(runner, 512, repeats=reps).tokens_per_s
+    out["tg"] = generation_speed(runner, tok, 128, repeats=reps).tokens_per_s
     if spec.get("ppl"):
         from lowbit.eval.material import EVALUATION_NOVEL, austen
         out["ppl"] = perplexity(model, None, tokenize(tok, austen(EVALUATION_NOVEL)), max_windows=PPL_WINDOWS,
@@ -177,11 +181,16 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="SmolLM2 at 2 threads only")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--native", action="store_true",
+                    help="only the NativeDecoder rows and llama.cpp Q4_0 / Q4_K_M speed, both models, 1 and 2 "
+                         "threads; prints a markdown table (writes llm_native_results.json)")
     ap.add_argument("--out", default=str(HERE / "llm_results.json"))
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.native:
+        return native_table(args)
     import lowbit
     from lowbit.eval.material import EVALUATION_NOVEL, austen, cache_dir
     models = ["smollm2"] if args.quick else ["smollm2", "llama1b"]
@@ -217,6 +226,42 @@ def main(argv=None) -> int:
                           + (f"  ppl {r['ppl']:.3f}" if r.get("ppl") else ""), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
+    return 0
+
+
+def native_table(args) -> int:
+    """Decode / prompt speed of lowbit.NativeDecoder beside llama.cpp, ABAB over two rounds."""
+    import lowbit
+    import llamacpp
+    rows = []
+    for m in ("smollm2", "llama1b"):
+        ggufs = llamacpp.convert(model_dir(m), m, ("Q4_0", "Q4_K_M"))
+        for th in (1, 2):
+            for rnd in range(2 if m == "smollm2" else 1):  # the 1B model: one round (~3 minutes a row)
+                for v in ("lowbit int4 native", "lowbit W4A8 native", "lowbit int4"):
+                    if v == "lowbit int4" and (rnd or m == "llama1b"):
+                        continue  # the transformers path once, for the ratio to it
+                    r = run_worker(dict(model=m, variant=v, threads=th, reps=2 if m == "smollm2" else 1))
+                    rows.append(r)
+                    print(f"{m:8s} {v:19s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}", flush=True)
+                for t in ("Q4_0", "Q4_K_M"):
+                    r = dict(model=m, variant=f"llama.cpp {t}", threads=th, **llamacpp.bench(ggufs[t], th, reps=2))
+                    rows.append(r)
+                    print(f"{m:8s} {r['variant']:19s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}", flush=True)
+    out = HERE / "llm_native_results.json"
+    out.write_text(json.dumps(dict(machine=lowbit.cpu_target(), date=time.strftime("%Y-%m-%d"), rows=rows), indent=1))
+    import statistics
+    print("\n| model | threads | variant | pp512 tok/s | tg128 tok/s | tg vs llama.cpp Q4_0 |\n|---|---|---|---|---|---|")
+    for m in ("smollm2", "llama1b"):
+        for th in (1, 2):
+            med = {}
+            for r in rows:
+                if r["model"] == m and r["threads"] == th:
+                    med.setdefault(r["variant"], []).append((r["pp"], r["tg"]))
+            q4 = statistics.median(t for _, t in med["llama.cpp Q4_0"])
+            for v, vals in med.items():
+                pp, tg = statistics.median(p for p, _ in vals), statistics.median(t for _, t in vals)
+                print(f"| {m} | {th} | {v} | {pp:.1f} | {tg:.1f} | {tg / q4:.2f}x |")
     return 0
 
 

@@ -169,3 +169,25 @@ def test_smollm2_default_call_decodes_like_transformers():
         hf = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                             pad_token_id=tok.eos_token_id)
     assert torch.equal(dec.generate(ids, 16, min_new_tokens=16), hf)
+
+
+def test_speed_helpers_and_demo_measure_the_native_decoder():
+    from lowbit.eval import llm_demo
+    from lowbit.eval.material import load_smollm2
+    from lowbit.eval.speed import generate, generation_speed, prompt_speed
+    import io
+    base, tok = load_smollm2()
+    model = lowbit.quantize(base, bits=4, progress=False)
+    dec = lowbit.NativeDecoder(model)
+    pp = prompt_speed(dec, 24, repeats=1)
+    tg, text = generation_speed(dec, tok, 6, repeats=1, return_text=True)
+    assert pp.tokens == 24 and pp.tokens_per_s > 0 and tg.tokens == 6 and tg.tokens_per_s > 0
+    new, _ = generate(dec, tok, n_gen=6)
+    hf, _ = generate(model, tok, n_gen=6)
+    assert torch.equal(new, hf) and text == tok.decode(hf, skip_special_tokens=True)
+    buf = io.StringIO()
+    rows = llm_demo.run(out=buf, windows=1, n_prompt=16, n_gen=4,
+                        variants=(llm_demo.Variant("float32 (torch)"),
+                                  llm_demo.Variant("lowbit int4 (default call)", quantize=dict(bits=4))))
+    assert rows[0]["native_tg_tokens_per_s"] is None and rows[1]["native_tg_tokens_per_s"] > 0
+    assert "native tg" in buf.getvalue() and rows[1]["ppl_ratio"] > 1.0

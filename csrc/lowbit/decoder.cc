@@ -13,9 +13,12 @@
 namespace lowbit {
 namespace {
 
-// Projection inputs are padded to this many columns: the int4 k-step (8) is a
-// multiple of the int8 one (4), so one padding serves both.
-size_t Padded(size_t k) { return (k + 7) / 8 * 8; }
+// Projection inputs are padded to whole int4 k-steps (8), a multiple of the
+// int8 one (4), so one padding serves both.
+size_t Padded(size_t k) {
+  const size_t step = KStep(4);
+  return (k + step - 1) / step * step;
+}
 
 void Require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);

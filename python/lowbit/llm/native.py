@@ -57,13 +57,10 @@ def _layer_spec(layer, col: int, name: str) -> dict:
         raise ValueError(f"{name} is int{c.bits}: the native decoder runs int8 / int4 tiles only")
     if c.act_bits not in (None, 0, 8):
         raise ValueError(f"{name}: activation bits {c.act_bits} are not supported (float or 8)")
-    k = layer.in_features
-    group = k if c.group_size in (None, k) else c.group_size
-    return dict(bits=c.bits, n=layer.out_features, k=k, group=group, data=layer.data.numpy(),
-                scales=layer.scales.numpy().reshape(-1),
-                offsets=None if layer.offsets is None else layer.offsets.numpy().reshape(-1),
-                row_scales=None if layer.row_scales is None else layer.row_scales.numpy(),
-                bias=None if layer.bias is None else _f32(layer.bias),
+    # The same views (and group rule) the layer's own eager forward hands the kernels.
+    _, data, scales, offsets, group, bias, _, row_scales = layer._kernel_args()
+    return dict(bits=c.bits, n=layer.out_features, k=layer.in_features, group=group, data=data, scales=scales,
+                offsets=offsets, row_scales=row_scales, bias=bias,
                 input_scale=None if layer.input_scale is None else _f32(layer.input_scale),
                 act_bits=c.act_bits or 0, act_scale=float(np.float32(layer.act_scale)), col=col)
 

@@ -742,6 +742,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mapped"));
   m.def("vnni_active", &lowbit::VnniActive);
   m.def("set_vnni_enabled", &lowbit::SetVnniEnabled, "Test hook: disable (or re-enable) the VNNI path.");
+  m.def("shuffle_gemv_enabled", &lowbit::ShuffleGemvEnabled);
+  m.def("set_shuffle_gemv_enabled", &lowbit::SetShuffleGemvEnabled,
+        "Test hook: disable (or re-enable) the byte-shuffle weight-only GEMV below AVX-512.");
   m.def("set_num_threads", [](int n) {
     if (n < 1) Fail("num_threads must be >= 1, got " + std::to_string(n));
     lowbit::SetNumThreads(n);

@@ -285,3 +285,56 @@ def test_float16_scales_dequantize_and_size(rng):
         lowbit.pack_weights(q, scale_dtype="bfloat16")
     with pytest.raises(TypeError, match="scales"):  # a hand-built PackedWeights with other scales
         lowbit.PackedWeights(p16.data, p16.scales.astype(np.float64), None, p16.shape, 4, 32, True)
+
+
+SHUFFLE_FORMATS = [  # bits, group, scale dtype: every scale dtype the GEMV reads
+    (4, 16, "int8"), (4, 32, "float16"), (4, None, "float32"), (4, 128, "float32"),
+    (8, None, "float32"), (8, 64, "int8"), (8, 32, "float16"),
+]
+
+
+@pytest.fixture
+def shuffle_off():
+    def switch(on):
+        _C.set_shuffle_gemv_enabled(on)
+    yield switch
+    _C.set_shuffle_gemv_enabled(True)
+
+
+@pytest.mark.parametrize("bits,group,scale_dtype", SHUFFLE_FORMATS,
+                         ids=[f"int{b}-{g}-{d}" for b, g, d in SHUFFLE_FORMATS])
+@pytest.mark.parametrize("n,k", [(37, 256), (100, 576), (16, 8)])
+def test_shuffle_gemv_is_bit_identical_to_the_decode_loop(target, rng, shuffle_off, bits, group, scale_dtype, n, k):
+    # Below AVX-512 the weight-only GEMV decodes symmetric codes by byte shuffle
+    # (codes land as q * 2^28 / q * 2^24, scaled back exactly): it must give the
+    # generic decode loop's floats bit for bit, and stay within the reference bound.
+    if group is not None and k % group:
+        group = None
+    w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-3, 3, (n, 1)))).astype(np.float32)
+    x = (rng.standard_normal((3, k)) * np.exp(rng.uniform(-20, 20, (3, 1)))).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, scale_dtype=scale_dtype)
+    pw = lowbit.pack_weights(q, scale_dtype=scale_dtype)
+    for m in (1, 2, 3):
+        shuffle_off(True)
+        fast = lowbit.matmul(x[:m], pw)
+        shuffle_off(False)
+        slow = lowbit.matmul(x[:m], pw)
+        np.testing.assert_array_equal(fast, slow)
+        r, bound = ref.matmul(x[:m], q.codes(), q.scales, None, group, None)
+        assert np.all(np.abs(fast - r) <= bound)
+
+
+def test_shuffle_gemv_leaves_out_of_range_rows_to_the_decode_loop(target, rng, shuffle_off):
+    # Rows with |x| > 2^64 or inf could overflow the scaled sums: they take the
+    # generic loop (same results as with the shuffle path off), other rows do not.
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[0, 3] = 3e37
+    x[1, 60] = np.inf
+    shuffle_off(True)
+    fast = lowbit.matmul(x, pw)
+    shuffle_off(False)
+    slow = lowbit.matmul(x, pw)
+    np.testing.assert_array_equal(fast, slow)
+    assert np.all(np.isfinite(fast[0])) and np.abs(fast[0]).max() > 1e36

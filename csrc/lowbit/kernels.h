@@ -129,6 +129,9 @@ void MatmulFloatAct(const float* x, size_t m, size_t x_stride, const TiledWeight
 // the test hook that disables it so the portable path is checked on AVX-512 too.
 bool VnniActive();
 void SetVnniEnabled(bool enabled);
+// The byte-shuffle weight-only GEMV of targets below AVX-512 (on by default).
+bool ShuffleGemvEnabled();
+void SetShuffleGemvEnabled(bool enabled);
 
 // Highway targets compiled into this module (bit masks and names), the one
 // dispatch picks now, and a test hook restricting dispatch (0 = no limit).

@@ -22,12 +22,17 @@
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lowbit/float_formats-inl.h"
+#include "lowbit/tile_scales-inl.h"
+#include "lowbit/gemv_shuffle-inl.h"
 #include "lowbit/kernels.h"
 #include "lowbit/parallel.h"
 
 namespace lowbit {
 // Set once from the CPU, cleared by the test hook (HWY_ONCE section below).
 extern std::atomic<bool> g_vnni_enabled;
+// The shuffle-decoded weight-only GEMV (gemv_shuffle-inl.h); the test hook
+// turns it off so the generic decode loop is checked on the same CPU.
+extern std::atomic<bool> g_shuffle_gemv_enabled;
 }  // namespace lowbit
 
 HWY_BEFORE_NAMESPACE();
@@ -97,33 +102,6 @@ bool QuantizeActivationsImpl(const float* x, size_t m, size_t k, size_t x_stride
     }
   });
   return ok;
-}
-
-// Offsets of 16 rows: symmetric weights have none stored (all 2^(bits-1)), which
-// saves 4 bytes per group and row of traffic (6% of an int4 g128 GEMV).
-HWY_INLINE VI LoadOffsets(const TiledWeights& w, size_t idx) {
-  return w.offsets ? hn::LoadU(DI(), w.offsets + idx) : hn::Set(DI(), 1 << (w.bits - 1));
-}
-
-// Scales of 16 rows starting at row0 (= 16 t + lane), as float32: stored as
-// float32, float16, or int8 codes times a per-row float32 scale (formats.h
-// "scale dtype"). float16 halves the scale traffic (int4 g32: 4.5 instead of 5
-// bits per weight) for one vcvtph2ps (F16C, AVX2 and up) per 8-16 scales;
-// int8 codes quarter it (int4 g16: 4.5 + 32 / K) for a sign extension, a
-// convert and a multiply. A scale serves 16-32 codes per row, so the branch and
-// the widening cost a few % of a group's work. The products c * d are exact
-// (d has an 11-bit significand), so every path computes with the same values
-// as float32 tiles holding them.
-HWY_INLINE VF LoadScales(const TiledWeights& w, size_t idx, size_t row0) {
-  const DF df;
-  if (w.scales != nullptr) return hn::LoadU(df, w.scales + idx);
-  if (w.scales_f16 != nullptr) {
-    const hn::Rebind<hwy::float16_t, DF> dh;
-    return hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w.scales_f16 + idx)));
-  }
-  const hn::Rebind<int8_t, DI> d8;
-  const auto codes = hn::ConvertTo(df, hn::PromoteTo(DI(), hn::LoadU(d8, w.scale_codes + idx)));
-  return hn::Mul(codes, hn::LoadU(df, w.row_scales + row0));
 }
 
 // ---------------------------------------------------------------- int dot step
@@ -539,10 +517,32 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
     // tiles needed 8 code + 8 offset + 16 accumulator vectors of 16 ymm and
     // spilled every step. Tiles are independent: results do not depend on it.
     constexpr size_t kNT = kVecs >= 4 ? 1 : 4 / kVecs;
+#if HWY_TARGET != HWY_AVX3
+    // Symmetric codes decode by byte shuffle (gemv_shuffle-inl.h), bit-identical
+    // to the loop below for rows in its range. (AVX-512 keeps the loop: its
+    // int4 vpermps lookup costs the same 2 ops per code.)
+    bool shuffle[4] = {false, false, false, false};
+    for (size_t r = 0; r < m; ++r)
+      shuffle[r] = w.offsets == nullptr && g_shuffle_gemv_enabled.load(std::memory_order_relaxed) &&
+                   FitsShuffleRange(x + r * x_stride, w.k);
+#else
+    const bool shuffle[4] = {false, false, false, false};
+#endif
     ForTileGroups<kNT>(w.tiles, [&](size_t t0, size_t nt) {
       for (size_t r = 0; r < m; ++r) {
         const float* xr = x + r * x_stride;
         float* orow = out + r * out_stride;
+#if HWY_TARGET != HWY_AVX3
+        if (shuffle[r]) {
+          switch (nt) {
+            case 4: ShuffleGemvBlock<kNT >= 4 ? 4 : 1, kBits>(xr, w, t0, orow); break;
+            case 3: ShuffleGemvBlock<kNT >= 3 ? 3 : 1, kBits>(xr, w, t0, orow); break;
+            case 2: ShuffleGemvBlock<kNT >= 2 ? 2 : 1, kBits>(xr, w, t0, orow); break;
+            default: ShuffleGemvBlock<1, kBits>(xr, w, t0, orow);
+          }
+          continue;
+        }
+#endif
         switch (nt) {
           case 4: FloatBlock<1, kNT >= 4 ? 4 : 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
           case 3: FloatBlock<1, kNT >= 3 ? 3 : 1, kBits>(xr, x_stride, w, t0, orow, out_stride, 1); break;
@@ -589,6 +589,10 @@ std::atomic<bool> g_vnni_enabled{[] {
   return false;
 #endif
 }()};
+
+std::atomic<bool> g_shuffle_gemv_enabled{true};
+void SetShuffleGemvEnabled(bool enabled) { g_shuffle_gemv_enabled = enabled; }
+bool ShuffleGemvEnabled() { return g_shuffle_gemv_enabled.load(); }
 
 HWY_EXPORT(QuantizeActivationsImpl);
 HWY_EXPORT(MatmulQuantActImpl);

@@ -1,6 +1,7 @@
 """Low-bit matmul vs torch on the CPU (DESIGN.md section 5 method).
 
     .venv/bin/python benchmarks/bench_matmul.py [--pairs 20] [--threads 1 2] [--no-write]
+    .venv/bin/python benchmarks/bench_matmul.py --busy-core   # only the busy-core table
 
 Weights come from DRAM: every contender rotates over copies of its weights
 totalling >= 256 MiB. Each ratio is an ABAB-alternated pair in the same run, same
@@ -112,12 +113,65 @@ def in_cache_gemm(threads):
     return 2 * m * n * k / t / 1e9
 
 
+def busy_core_table(pairs: int) -> str:
+    """2 threads against 1 while another process keeps one core busy.
+
+    A busy loop in a second process holds one of the cores; each pair times a
+    block of calls on 1 thread, then a block on 2 threads (the pool is rebuilt
+    at each switch, so one untimed call follows it). Ratio > 1: the 2-thread
+    call is faster even though one of its threads shares a core.
+    """
+    import subprocess
+    rng = np.random.default_rng(2)
+    cases = [("GEMV 4096x4096", 1, 4096, 4096, None), ("GEMV 4096x4096", 1, 4096, 4096, 8),
+             ("GEMM M=128 4096x4096", 128, 4096, 4096, None), ("GEMM M=128 4096x4096", 128, 4096, 4096, 8)]
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    lines = ["| shape | lowbit int4 g128 | 1 thread ms | 2 threads ms | 2 threads / 1 thread speed |", "|---|---|---|---|---|"]
+    try:
+        for label, m, n, k, act_bits in cases:
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            fn, _ = lowbit_contender(w, x, 4, 128, act_bits)
+            calls = 20 if m == 1 else 3
+
+            def block(threads):
+                lowbit.set_num_threads(threads)
+                fn()
+                return timed(lambda: [fn() for _ in range(calls)]) / calls
+
+            t1, t2 = [], []
+            for _ in range(pairs):
+                t1.append(block(1))
+                t2.append(block(2))
+            r = sorted(a / b for a, b in zip(t1, t2))[len(t1) // 2]
+            line = (f"| {label} | {'W4A8' if act_bits else 'weight-only'} | {sorted(t1)[len(t1) // 2] * 1e3:.2f} | "
+                    f"{sorted(t2)[len(t2) // 2] * 1e3:.2f} | {r:.2f}x |")
+            print(line, flush=True)
+            lines.append(line)
+    finally:
+        busy.kill()
+        busy.wait()
+    return "\n".join([f"## Two threads with one core busy ({datetime.date.today().isoformat()})", "",
+                      f"`cpu_target()`: {lowbit.cpu_target()}. A `while True: pass` process holds one core; "
+                      f"{pairs} pairs of 1-thread and 2-thread blocks, medians, weights from DRAM. "
+                      "The pool hands out 4 chunks per thread to whichever thread is free "
+                      "(csrc/lowbit/parallel.cc), so the thread sharing the busy core holds up at most one chunk.",
+                      "", *lines])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--busy-core", action="store_true", help="only the table of 2 threads with one core busy")
     args = ap.parse_args()
+    if args.busy_core:
+        text = busy_core_table(min(args.pairs, 10))
+        print(text)
+        if not args.no_write:
+            write_section(Path(__file__).resolve().parent / "README.md", "bench_matmul_busy", text)
+        return
     import torch
 
     shapes = [("GEMV 4096x4096", 1, 4096, 4096), ("GEMV 11008x4096", 1, 11008, 4096),

@@ -115,6 +115,29 @@ def test_bit_identical_across_threads_and_runs(rng):
         lowbit.set_num_threads(old)
 
 
+def test_claimed_chunks_with_late_and_busy_workers(rng):
+    # More threads than cores: workers wake late, often after the caller has
+    # claimed every chunk of a call and moved on to the next one; a late worker
+    # must claim nothing of a finished call and every index must run once.
+    # Alternating shapes change the chunk count from call to call.
+    shapes = [(300, 512, 1), (40, 64, 1), (1000, 256, 5), (16, 32, 2)]
+    cases = []
+    for n, k, m in shapes:
+        pw = lowbit.pack_weights(lowbit.quantize_array(rng.standard_normal((n, k)).astype(np.float32), bits=4, group_size=32))
+        cases.append((pw, rng.standard_normal((m, k)).astype(np.float32)))
+    old = lowbit.get_num_threads()
+    try:
+        lowbit.set_num_threads(1)
+        expect = [(lowbit.matmul(x, pw), lowbit.matmul(x, pw, act_bits=8)) for pw, x in cases]
+        lowbit.set_num_threads(5)
+        for i in range(200):
+            (pw, x), (e_w, e_a) = cases[i % len(cases)], expect[i % len(cases)]
+            np.testing.assert_array_equal(lowbit.matmul(x, pw), e_w)
+            np.testing.assert_array_equal(lowbit.matmul(x, pw, act_bits=8), e_a)
+    finally:
+        lowbit.set_num_threads(old)
+
+
 def test_qarray_input_keeps_its_tiles(rng):
     w = rng.standard_normal((16, 64)).astype(np.float32)
     x = rng.standard_normal((3, 64)).astype(np.float32)

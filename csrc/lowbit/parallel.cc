@@ -67,10 +67,18 @@ bool SpinUntil(const Done& done) {
   }
 }
 
+// Work is handed out in chunks that threads claim from one counter, not in
+// fixed shares: when another process holds one of the cores, the thread on it
+// runs in time slices, and with fixed halves every call waited for its half
+// (2 threads slower than 1). Claiming lets the thread that runs take the rest;
+// the caller never waits for a worker that has not woken up yet, only for
+// chunks already claimed.
 class Pool {
  public:
+  using Body = std::function<void(size_t, size_t)>;
+
   explicit Pool(int threads) : threads_(threads) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
   }
   ~Pool() {
     {
@@ -83,48 +91,66 @@ class Pool {
   }
   int threads() const { return threads_; }
 
-  // Thread t runs chunk t of [0, n).
-  void Run(size_t n, const std::function<void(size_t, size_t)>& body) {
-    body_ = &body;
-    n_ = n;
-    pending_.store(threads_ - 1);
-    generation_.fetch_add(1);  // seq_cst: pairs with the sleepers_ check below
+  // Runs body over [0, n) in chunks of `chunk` indices on all threads.
+  void Run(size_t n, size_t chunk, const Body& body) {
+    const uint64_t job = last_job_ + 1;  // only the pool's owner (g_pool_mu) runs jobs
+    last_job_ = job;
+    const size_t chunks = (n + chunk - 1) / chunk;
+    body_.store(&body);
+    n_.store(n);
+    chunk_.store(chunk);
+    chunks_.store(chunks);
+    finished_.store(0);
+    claim_.store(job << 32);  // publishes the fields above to claimers
+    job_.store(job);          // seq_cst: pairs with the sleepers_ check below
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       wake_.notify_all();
     }
-    RunChunk(0);
-    SpinUntil([this] { return pending_.load() == 0; });
-    if (pending_.load() != 0) {
+    Work(job);
+    SpinUntil([&] { return finished_.load() == chunks; });
+    if (finished_.load() != chunks) {
       std::unique_lock<std::mutex> lock(mu_);
-      done_.wait(lock, [this] { return pending_.load() == 0; });
+      done_.wait(lock, [&] { return finished_.load() == chunks; });
     }
-    body_ = nullptr;
   }
 
  private:
-  void RunChunk(int t) {
-    const size_t per = (n_ + threads_ - 1) / threads_;
-    const size_t begin = std::min(n_, per * t), end = std::min(n_, begin + per);
-    if (begin < end) (*body_)(begin, end);
-  }
-  void WorkerLoop(int t) {
-    uint64_t seen = 0;
+  // Claims and runs chunks of `job` until none is left. claim_ holds the job
+  // in its high 32 bits and the next chunk in the low 32: a worker that wakes
+  // after its job ended sees another job there and claims nothing. The fields
+  // read between the load and a successful compare-exchange belong to `job`:
+  // the next job cannot overwrite them before every chunk of this one has been
+  // claimed, and this chunk was still unclaimed at the exchange.
+  void Work(uint64_t job) {
     for (;;) {
-      SpinUntil([&] { return generation_.load() != seen || stop_flag_.load(); });
-      if (generation_.load() == seen) {
-        std::unique_lock<std::mutex> lock(mu_);
-        sleepers_.fetch_add(1);
-        wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
-        sleepers_.fetch_sub(1);
-        if (stop_) return;
-      }
-      seen = generation_.load();
-      RunChunk(t);
-      if (pending_.fetch_sub(1) == 1) {
+      uint64_t state = claim_.load();
+      if ((state >> 32) != (job & 0xffffffffu)) return;
+      const size_t index = state & 0xffffffffu;
+      const size_t chunks = chunks_.load(), n = n_.load(), chunk = chunk_.load();
+      const Body* body = body_.load();
+      if (index >= chunks) return;
+      if (!claim_.compare_exchange_weak(state, state + 1)) continue;
+      (*body)(index * chunk, std::min(n, (index + 1) * chunk));
+      if (finished_.fetch_add(1) + 1 == chunks) {
         std::lock_guard<std::mutex> lock(mu_);
         done_.notify_all();
       }
+    }
+  }
+  void WorkerLoop() {
+    uint64_t seen = 0;
+    for (;;) {
+      SpinUntil([&] { return job_.load() != seen || stop_flag_.load(); });
+      if (job_.load() == seen && !stop_flag_.load()) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return stop_ || job_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      if (stop_flag_.load()) return;
+      seen = job_.load();
+      Work(seen);
     }
   }
 
@@ -132,11 +158,12 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable wake_, done_;
-  const std::function<void(size_t, size_t)>* body_ = nullptr;
-  size_t n_ = 0;
-  std::atomic<int> pending_{0};
+  uint64_t last_job_ = 0;
+  std::atomic<const Body*> body_{nullptr};
+  std::atomic<size_t> n_{0}, chunk_{1}, chunks_{0}, finished_{0};
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<uint64_t> job_{0};
   std::atomic<int> sleepers_{0};
-  std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_flag_{false};
   bool stop_ = false;  // guarded by mu_
 };
@@ -144,6 +171,7 @@ class Pool {
 std::mutex g_pool_mu;  // held by whoever runs a job on the pool
 std::unique_ptr<Pool> g_pool;
 int g_threads = 0;     // 0: not chosen yet
+constexpr size_t kChunksPerThread = 4;
 
 }  // namespace
 
@@ -177,7 +205,10 @@ void ParallelFor(size_t n, size_t min_chunk, const std::function<void(size_t, si
     g_pool.reset();
     g_pool.reset(new Pool(g_threads));
   }
-  g_pool->Run(n, body);
+  // 4 chunks per thread: a busy core's thread can hold up at most one claimed
+  // chunk (1/8 of the work on 2 threads) while the other takes the rest.
+  const size_t chunks = std::min(useful, static_cast<size_t>(g_threads) * kChunksPerThread);
+  g_pool->Run(n, (n + chunks - 1) / chunks, body);
 }
 
 }  // namespace lowbit

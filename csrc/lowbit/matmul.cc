@@ -179,7 +179,7 @@ struct DotVnni {
 // Registers: MR * NT * kVecs int32 accumulators + as many float ones; AVX-512
 // with MR = 4, NT = 2: 8 + 8 of 32 zmm, and each weight vector loaded once
 // serves 4 rows (2 loads + 4 broadcasts per 8 vpdpbusd).
-template <class Dot, size_t MR, size_t NT, int kBits>
+template <class Dot, size_t MR, size_t NT, int kBits, ScaleKind kScales = ScaleKind::kRuntime>
 HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const int32_t* xsum,
                          const TiledWeights& w, size_t t0, float* out, size_t out_stride,
                          size_t rows_left) {
@@ -230,7 +230,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t t = 0; t < NT; ++t) {
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
-        const auto scale = LoadScales(w, idx, (t0 + t) * kTileRows + v * kLanes);
+        const auto scale = LoadScales<kScales>(w, idx, (t0 + t) * kTileRows + v * kLanes);
         const auto off = LoadOffsets(w, idx);
         for (size_t r = 0; r < MR; ++r) {
           const auto corr = hn::Mul(off, hn::Set(di, xsum[r * w.ngroups + g]));
@@ -279,25 +279,34 @@ void ForTileGroups(size_t tiles, const Fn& fn) {
 #ifndef LOWBIT_INT_GEMV_TILES
 #define LOWBIT_INT_GEMV_TILES (HWY_TARGET == HWY_AVX3 ? 4 : 2)
 #endif
+template <class Dot, int kBits, ScaleKind kScales>
+void IntGemv(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
+             const TiledWeights& w, float* out, size_t out_stride) {
+  constexpr size_t kGemvTiles = LOWBIT_INT_GEMV_TILES;
+  ForTileGroups<kGemvTiles>(w.tiles, [&](size_t t0, size_t nt) {
+    for (size_t r = 0; r < m; ++r) {
+      const int8_t* xr = xq + r * w.kp;
+      const int32_t* sr = xsum + r * w.ngroups;
+      float* orow = out + r * out_stride;
+      switch (nt) {
+        case 4: IntBlock<Dot, 1, 4, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+        case 3: IntBlock<Dot, 1, 3, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+        case 2: IntBlock<Dot, 1, 2, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
+        default: IntBlock<Dot, 1, 1, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1);
+      }
+    }
+  });
+}
+
 template <class Dot, int kBits>
 void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
                const TiledWeights& w, float* out, size_t out_stride) {
-  constexpr size_t kGemvTiles = LOWBIT_INT_GEMV_TILES;
   if (m < 4) {
-    ForTileGroups<kGemvTiles>(w.tiles, [&](size_t t0, size_t nt) {
-      for (size_t r = 0; r < m; ++r) {
-        const int8_t* xr = xq + r * w.kp;
-        const int32_t* sr = xsum + r * w.ngroups;
-        float* orow = out + r * out_stride;
-        switch (nt) {
-          case 4: IntBlock<Dot, 1, 4, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-          case 3: IntBlock<Dot, 1, 3, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-          case 2: IntBlock<Dot, 1, 2, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-          default: IntBlock<Dot, 1, 1, kBits>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1);
-        }
-      }
-    });
-    return;
+    switch (ScaleKindOf(w)) {
+      case ScaleKind::kF32: return IntGemv<Dot, kBits, ScaleKind::kF32>(xq, xscale, xsum, m, w, out, out_stride);
+      case ScaleKind::kF16: return IntGemv<Dot, kBits, ScaleKind::kF16>(xq, xscale, xsum, m, w, out, out_stride);
+      default: return IntGemv<Dot, kBits, ScaleKind::kI8>(xq, xscale, xsum, m, w, out, out_stride);
+    }
   }
   // Split N (pairs of tiles) across threads; every thread walks all rows of x
   // in blocks of kMR, re-reading its own weight slice from L2 (x is small).

@@ -96,6 +96,12 @@ class Pool {
     const uint64_t job = last_job_ + 1;  // only the pool's owner (g_pool_mu) runs jobs
     last_job_ = job;
     const size_t chunks = (n + chunk - 1) / chunk;
+    // Close the previous job before touching its fields: a worker may have
+    // loaded claim_ = (previous job, its chunk count) and, reading the new
+    // chunk count below, would take that index for a free chunk; the exchange
+    // must then fail, so claim_ has to change first. The closed value's index
+    // is past any chunk count.
+    claim_.store((job << 32) | 0xffffffffu);
     body_.store(&body);
     n_.store(n);
     chunk_.store(chunk);
@@ -120,8 +126,9 @@ class Pool {
   // in its high 32 bits and the next chunk in the low 32: a worker that wakes
   // after its job ended sees another job there and claims nothing. The fields
   // read between the load and a successful compare-exchange belong to `job`:
-  // the next job cannot overwrite them before every chunk of this one has been
-  // claimed, and this chunk was still unclaimed at the exchange.
+  // Run changes claim_ (closes it) before it overwrites any of them and
+  // publishes them before it opens the next job, so an exchange that succeeds
+  // saw no Run in between.
   void Work(uint64_t job) {
     for (;;) {
       uint64_t state = claim_.load();

@@ -326,6 +326,25 @@ def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, gro
         assert torch.equal(native.zero_points, spec.zero_points)
 
 
+@pytest.mark.parametrize("k,rows", [(96, 300), (1030, 5000), (1536, 700)])
+def test_layer_statistics_equal_their_float64_definition(k, rows):
+    """LayerStats.add: the Hessian from the upper block triangle (K >= 1024)
+    and |x| summed per 4096-row chunk equal X^T X / R and mean |x| in float64,
+    to float32 product rounding, and the Hessian is exactly symmetric."""
+    torch.manual_seed(k)
+    x = torch.randn(rows, k) * torch.exp(torch.randn(1, k))
+    stats = LayerStats(k)
+    stats.add(x[: rows // 3].reshape(1, -1, k))
+    stats.add(x[rows // 3:])
+    x64 = x.double()
+    want = x64.T @ x64 / rows
+    got = stats.hessian
+    assert torch.equal(got, got.T)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert torch.allclose(stats.act_mean.double(), x64.abs().mean(0), rtol=1e-5)
+    assert stats.rows == rows
+
+
 def test_freed_memory_goes_back_to_the_os_when_asked(tmp_path):
     """calibrate.memory: the limit is physical memory or lower; with the trim
     forced on, memory freed between kept allocations leaves the process."""

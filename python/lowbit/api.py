@@ -46,7 +46,7 @@ def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool]:
 def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Optional[int] = DEFAULT_GROUP,
              symmetric: bool = True, activations: Optional[int] = None, method: str = DEFAULT_METHOD,
              calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
-             *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = False,
+             *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = True,
              embeddings: Union[None, int, str] = "auto", heads: Optional[int] = 8,
              scale_dtype: str = DEFAULT_SCALE_DTYPE) -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
@@ -70,9 +70,14 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         "rtn" (round to nearest with the range rule's scales), "mse" (data-free
         too: per group the scale, and zero point, with the least squared weight
         error from a search around the range rule's; same format and kernels), "gptq"
-        (Hessian-aware error feedback, ``act_order`` optional) or "awq"
+        (Hessian-aware error feedback; see ``act_order``) or "awq"
         (activation-aware channel scaling + clip search); the last two need
         ``calibration_data``.
+      act_order: GPTQ quantizes the columns in order of decreasing Hessian
+        diagonal (default), its group scales fixed up front from the weights, so
+        groups stay contiguous and the layer runs as fast as in order; False: in
+        column order, each group's scales from the error-updated weights (the
+        default before: SmolLM2 g16 1.106x float32 perplexity against 1.057x).
       calibration_data: an iterable of batches (tensors, tuples or dicts of model
         inputs); at most ``max_batches`` are used.
       include / exclude: regex, list of regexes, or callable(name, module) -> bool over

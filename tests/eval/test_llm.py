@@ -105,6 +105,29 @@ def test_default_int4_ties_the_int8_head_and_round_trips(smollm2, tmp_path):
         lowbit.quantize(copy.deepcopy(model), bits=4, heads=3, progress=False)
 
 
+def test_int4_quality_against_the_q4_0_rule(smollm2):
+    """Issue 9/11's goals on the real model, at test size (6 windows of Emma):
+    lowbit's rendering of llama.cpp Q4_0 (int4 g32 round to nearest, float16
+    scales: 4.5 b/w) is the bar. The default call (4.55 b/w) keeps at most 3/4
+    of its perplexity increase, GPTQ on 8 calibration windows at most a third.
+    Measured: Q4_0 rule 1.267, default 1.171, GPTQ 1.063 (in column order 1.097)."""
+    from lowbit.eval.llm_demo import calibration_batches
+    model, tok, ids = smollm2
+
+    def ratio_to_float(q):
+        return perplexity(q, None, ids, max_windows=WINDOWS, progress=False).ppl / fp32
+
+    fp32 = perplexity(model, None, ids, max_windows=WINDOWS, progress=False).ppl
+    q4_0 = ratio_to_float(lowbit.quantize(copy.deepcopy(model), bits=4, group_size=32, method="rtn",
+                                          scale_dtype="float16", progress=False))
+    default = ratio_to_float(lowbit.quantize(copy.deepcopy(model), bits=4, progress=False))
+    gptq = ratio_to_float(lowbit.quantize(copy.deepcopy(model), bits=4, method="gptq", progress=False,
+                                          calibration_data=calibration_batches(tok, 8)))
+    assert 1.1 < q4_0 < 1.5, q4_0
+    assert default - 1 <= 0.75 * (q4_0 - 1), (default, q4_0)
+    assert gptq - 1 <= (q4_0 - 1) / 3, (gptq, q4_0)
+
+
 def test_speed_helpers_measure(smollm2):
     from lowbit.eval.speed import first_sentence, generation_speed, prompt_speed
     model, tok, _ = smollm2

@@ -143,9 +143,20 @@ bool QuantizeRows(const py::array& x, int dtype_flag, int bits, long group, bool
   return lowbit::QuantizeRows(px, dtype, rows, k, stride, spec, given, s, zps, out, pstride);
 }
 
-py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric, int steps) {
+py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric, int steps,
+                       const py::object& importance_obj) {
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t rows = x.shape(0), k = x.shape(1);
+  py::array_t<float, py::array::c_style | py::array::forcecast> importance;
+  const float* pc = nullptr;
+  if (!importance_obj.is_none()) {
+    importance = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(importance_obj);
+    if (!importance || importance.ndim() != 1 || static_cast<size_t>(importance.shape(0)) != k)
+      Fail("importance must be a 1-D float array with one entry per column of x");
+    pc = importance.data();
+    for (size_t i = 0; i < k; ++i)
+      if (!(pc[i] >= 0.0f) || !std::isfinite(pc[i])) Fail("importance must be finite and >= 0");
+  }
   if (rows == 0 || k == 0) Fail("x must not be empty");
   if (bits < 2 || bits > 8) Fail("bits must be in [2, 8] (codes of the search grid)");
   if (group <= 0 || k % static_cast<size_t>(group) != 0) Fail("group_size must divide the last dimension");
@@ -158,7 +169,7 @@ py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric,
   uint8_t* z = symmetric ? nullptr : zps.mutable_data();
   {
     py::gil_scoped_release release;
-    lowbit::SearchScales(px, rows, k, stride, group, bits, symmetric, steps, s, z);
+    lowbit::SearchScales(px, rows, k, stride, group, bits, symmetric, steps, s, z, pc);
   }
   return py::make_tuple(scales, symmetric ? py::object(py::none()) : py::object(zps));
 }
@@ -670,7 +681,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("codes").noconvert(), py::arg("err").noconvert(),
         "GPTQ's column loop on one block (columns c0..c1): codes, scaled errors, later columns updated.");
   m.def("search_scales", &SearchScales, py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("symmetric"),
-        py::arg("steps"), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");
+        py::arg("steps"), py::arg("importance").none(true) = py::none(), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");
   m.def("dequantize_rows", &DequantizeRows, py::arg("packed"), py::arg("k"), py::arg("bits"),
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("scales"),
         py::arg("zero_points").none(true), py::arg("out").noconvert(), py::arg("dtype"));

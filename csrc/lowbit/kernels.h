@@ -37,9 +37,10 @@ bool QuantizeRows(const void* x, DType dtype, size_t rows, size_t k, size_t row_
 
 // Error-minimising scales (scale_search.cc) for groups of `group` (divides K) of
 // float32 rows x [rows, K]: writes scales [rows, K / group] and, asymmetric, zero
-// points; QuantizeRows with scales_given then makes the codes.
+// points; QuantizeRows with scales_given then makes the codes. importance:
+// optional per-column weights [K] (finite, >= 0) of the squared error.
 void SearchScales(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits, bool symmetric,
-                  int steps, float* scales, uint8_t* zps);
+                  int steps, float* scales, uint8_t* zps, const float* importance = nullptr);
 
 // GPTQ's column loop for columns [c0, c1) of one block of B columns (gptq.cc
 // documents the arrays and the arithmetic): quantizes each column with its

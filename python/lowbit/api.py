@@ -66,7 +66,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
       activations: None (weight-only, float activations) or 8 (int8 activations,
         integer kernels: W8A8 / W4A8): per token (dynamic), or static per-tensor
         scales calibrated by ``observer`` when ``calibration_data`` is given.
-      method: "auto" (the default: "mse" for 4/3-bit layers, "rtn" for 8-bit ones),
+      method: "auto" (the default: "mse" for 4/3-bit layers, its squared error weighted
+        per input where the model's weights estimate the inputs' mean squares: the
+        down projections of gated MLPs, see lowbit.calibrate.importance; "rtn" for
+        8-bit ones),
         "rtn" (round to nearest with the range rule's scales), "mse" (data-free
         too: per group the scale, and zero point, with the least squared weight
         error from a search around the range rule's; same format and kernels), "gptq"
@@ -138,6 +141,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     if calibration_data is not None:
         from .calibrate.data import batches
         data = batches(calibration_data, max_batches)
+    importance = {}
+    if method == "auto":
+        from .calibrate.importance import data_free_importance
+        importance = data_free_importance(model, targets)
     if mixed:
         # int4 at the asked group and 4x coarser (g16 -> g64: 4.55 -> 4.18 b/w at
         # K = 576), so a budget between them mixes int4 formats instead of
@@ -154,7 +161,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             # model (MiniLM at 4.5 b/w: cosine 0.9896 with int2 layers, 0.9955 without).
             candidates.insert(0, LayerPlan(2, group_size))
         if data is None:  # data-free: weight-space error stands in for the output error
-            sens = weight_sensitivities(targets, candidates, symmetric, method)
+            sens = weight_sensitivities(targets, candidates, symmetric, method, importance)
         else:
             sens = sensitivities(model, targets, data, candidates, symmetric)
         plans = mixed_plan(targets, sens, bits)
@@ -176,10 +183,10 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             _set_module(model, name, QuantLinear.from_linear(mod, QuantConfig(p.bits, p.group_size, symmetric,
                                                                                  activations,
                                                                                  scale_dtype=p.scale_dtype),
-                                                             method=method))
+                                                             method=method, importance=importance.get(name)))
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
-                            act_order, progress)
+                            act_order, progress, importance)
     if heads is not None:
         skipped = _quantize_heads(model, heads, activations, skipped, progress, scale_dtype)
     if embeddings == "auto":

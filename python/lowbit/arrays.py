@@ -235,7 +235,8 @@ def _rounded_scales(scales: np.ndarray, scale_dtype: str) -> np.ndarray:
 
 def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bool = True, *,
                    scale=None, zero_point=None, input_dtype=None, out: Optional[QArray] = None,
-                   method: str = "rtn", search_steps: int = 9, scale_dtype: str = "float32") -> QArray:
+                   method: str = "rtn", search_steps: int = 9, scale_dtype: str = "float32",
+                   importance=None) -> QArray:
     """Quantize a float array along its last axis.
 
     Args:
@@ -297,12 +298,21 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         raise ValueError(f"search_steps must be an int in [0, 64], got {search_steps!r}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+    if importance is not None:
+        if method != "mse":
+            raise ValueError(f"importance weights the scale search: it needs method='mse', got {method!r}")
+        if group_size == "tensor":
+            raise ValueError("importance needs a group_size of None or an int, not 'tensor'")
+        importance = np.asarray(importance, np.float32)
+        if importance.shape != (k,) or not np.all(np.isfinite(importance)) or np.any(importance < 0):
+            raise ValueError(f"importance must be {k} finite values >= 0 (one per column), got shape "
+                             f"{importance.shape}")
     if scale_dtype != "float32" and scale is None:
         # Choose the scales (and zero points) first, then re-quantize with them
         # rounded as scale_dtype stores them: the codes must be the nearest ones
         # under the scale that is stored. Cheap: quantizing is ~1 ns per weight.
         q = quantize_array(arr, bits, group_size, symmetric, input_dtype=input_dtype, method=method,
-                           search_steps=search_steps)
+                           search_steps=search_steps, importance=importance)
         scales = _rounded_scales(q.scales, scale_dtype)
         group = k if group_size in (None, "tensor") else group_size
         zps = None if q.zero_points is None else q.zero_points.reshape(-1)
@@ -333,7 +343,7 @@ def quantize_array(x, bits: int = 8, group_size: GroupSize = None, symmetric: bo
         if np.isnan(x32).any():
             raise ValueError("x contains NaN")
         found, found_zp = _C.search_scales(x32, bits, k if group_size is None else group_size, symmetric,
-                                           int(search_steps))
+                                           int(search_steps), importance)
         given = True
         scales = found.reshape(sshape)
         zps = None if symmetric else found_zp.reshape(sshape)

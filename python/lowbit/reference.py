@@ -367,13 +367,17 @@ def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
     return result, bound
 
 
-def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9) -> tuple[np.ndarray, np.ndarray]:
+def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9,
+                  importance=None) -> tuple[np.ndarray, np.ndarray]:
     """The error-minimising scale search of csrc/lowbit/scale_search.cc, in NumPy
-    (float32 math; sums may differ from the kernels' in the last bits)."""
+    (float32 math; sums may differ from the kernels' in the last bits).
+    importance: optional per-column weights [K] of the squared error."""
     x = np.asarray(x, np.float32)
     k = x.shape[-1]
     g = k if group_size is None else group_size
     groups = x.reshape(-1, k // g, g)
+    c = (np.ones((k // g, g), np.float32) if importance is None
+         else np.asarray(importance, np.float32).reshape(k // g, g))
     groups = np.where(np.isfinite(groups), groups, np.float32(0)).astype(np.float32)
     lo, hi = group_range(groups)
     s0, z0 = choose_scale(lo, hi, bits, symmetric)
@@ -387,14 +391,14 @@ def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9) -> 
         with np.errstate(invalid="ignore", over="ignore"):
             v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
         L = np.rint(v).astype(np.float32)
-        return (groups * L).sum(-1, dtype=np.float32), (L * L).sum(-1, dtype=np.float32)
+        return (c * groups * L).sum(-1, dtype=np.float32), (c * L * L).sum(-1, dtype=np.float32)
 
     def error(s, zp):
         with np.errstate(divide="ignore"):
             inv = np.where(s == 0, f32(0), f32(1) / np.where(s == 0, f32(1), s)).astype(np.float32)
         v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
         d = groups - np.rint(v).astype(np.float32) * s[..., None]
-        return (d * d).sum(-1, dtype=np.float32)
+        return (c * d * d).sum(-1, dtype=np.float32)
 
     best_err = np.full(s0.shape, np.inf, np.float32)
     best_s, best_z = s0.copy(), z0.astype(np.float32)
@@ -413,7 +417,7 @@ def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9) -> 
         with np.errstate(invalid="ignore", over="ignore"):
             v = np.clip(groups * inv[..., None], (qmin - zp)[..., None], (qmax - zp)[..., None])
         d = groups - np.rint(v).astype(np.float32) * ls[..., None]
-        err = np.where(ok, (d * d).sum(-1, dtype=np.float32), np.inf).astype(np.float32)
+        err = np.where(ok, (c * d * d).sum(-1, dtype=np.float32), np.inf).astype(np.float32)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, ls, best_s).astype(np.float32)

@@ -102,24 +102,32 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
     return {name: {p: v / max(a["ref"], 1e-30) for p, v in a.items() if p != "ref"} for name, a in acc.items()}
 
 
-def weight_sensitivities(targets: list, candidates: list, symmetric: bool, method: str = "rtn") -> dict:
+def weight_sensitivities(targets: list, candidates: list, symmetric: bool, method: str = "rtn",
+                         importance: Optional[dict] = None) -> dict:
     """The data-free stand-in for :func:`sensitivities`: name -> {plan: relative
     weight error ||W - Q||^2 / ||W||^2}, the relative output error if the layer's
-    inputs were white (independent, equal variance). Native quantizer, so a
-    1B-parameter model costs seconds per candidate."""
+    inputs were white (independent, equal variance), or, where ``importance`` has
+    the layer's estimated input mean squares c, sum c (W - Q)^2 / sum c W^2 (its
+    searches weighted by c too). Native quantizer, so a 1B-parameter model costs
+    seconds per candidate."""
+    importance = importance or {}
     from ..arrays import dequantize_array, quantize_array
     out = {}
     for name, mod in targets:
         w = np.ascontiguousarray(mod.weight.detach().float().cpu().numpy())
         k = w.shape[1]
-        ref = float(np.square(w, dtype=np.float64).sum())
+        imp = importance.get(name)
+        col = np.ones(k) if imp is None else imp.astype(np.float64)
+        ref = float((np.square(w, dtype=np.float64) * col).sum())
         out[name] = {}
         for c in candidates:
             plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
+            resolved = resolve_method(method, plan.bits)
             q = quantize_array(w, bits=plan.bits, group_size=plan.group_size, symmetric=symmetric or plan.bits == 2,
-                               method=resolve_method(method, plan.bits), scale_dtype=plan.scale_dtype)
+                               method=resolved, scale_dtype=plan.scale_dtype,
+                               importance=imp if resolved == "mse" else None)
             d = dequantize_array(q) - w
-            out[name][plan] = float(np.square(d, dtype=np.float64).sum()) / max(ref, 1e-30)
+            out[name][plan] = float((np.square(d, dtype=np.float64) * col).sum()) / max(ref, 1e-30)
     return out
 
 
@@ -161,7 +169,7 @@ def mixed_plan(targets: list, sens: dict, budget_bits: float) -> dict:
 
 def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: str, symmetric: bool,
                         activations: Optional[int], data: Optional[list], static: bool, observer,
-                        act_order: bool, progress: bool) -> None:
+                        act_order: bool, progress: bool, importance: Optional[dict] = None) -> None:
     from ..nn import QuantLinear
     from ..api import _set_module as replace_module
     items = targets
@@ -175,7 +183,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
     stacked = stack_batches(data) if needs_data else None
     if stacked is not None:
         return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
-                         act_order, items, progress)
+                         act_order, items, progress, importance or {})
     if needs_data:
         print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
               "passes); equal-shape batches take one pass", file=sys.stderr)
@@ -190,7 +198,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             if stats.rows == 0:
                 raise ValueError(f"layer {name!r} never ran on the calibration data")
         replace_module(model, name, _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations,
-                                                    static, observer, act_order))
+                                                    static, observer, act_order, (importance or {}).get(name)))
         del stats
         release_freed_memory()
     _report_plan(plans, progress)
@@ -242,7 +250,7 @@ def stack_batches(data: list):
 
 
 def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items,
-              progress):
+              progress, importance):
     """Quantize every target during a single forward pass over ``batch``."""
     from ..api import _set_module as replace_module
     from ..nn.fused import tensor_version
@@ -270,7 +278,7 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
             if observer == "minmax":
                 obs(x)
         new = _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations, static, observer,
-                              act_order)
+                              act_order, importance.get(name))
         w = None if activations == 8 else new.dequantized_weight().to(mod.weight.dtype)
         done[name] = (new, w)
         replace_module(model, name, new)
@@ -325,7 +333,8 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     _report_plan(plans, progress)
 
 
-def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, static, observer, act_order):
+def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, static, observer, act_order,
+                    importance=None):
     from ..nn import QuantLinear
     w = mod.weight.detach().float()
     method = resolve_method(method, plan.bits)
@@ -336,7 +345,8 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
     elif method == "awq":
         q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
     elif method == "mse":
-        q = mse(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
+        q = mse(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype,
+                importance=importance)
     else:
         q = rtn(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
     storage = storage_bits(plan.bits)

@@ -117,12 +117,13 @@ def rtn(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
 
 
 def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True, steps: int = 9,
-        scale_dtype: str = "float32") -> QuantizedWeight:
-    """Data-free error-minimising scales (csrc/lowbit/scale_search.cc), then the codes they give."""
+        scale_dtype: str = "float32", importance: Optional[np.ndarray] = None) -> QuantizedWeight:
+    """Data-free error-minimising scales (csrc/lowbit/scale_search.cc), then the codes they give;
+    importance [K]: per-input weights of the squared error (calibrate.importance)."""
     w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
     n, k = w32.shape
     g = k if group is None else group
-    s, z = _C.search_scales(w32, bits, g, symmetric, steps)  # 3-bit codes: searched on the 3-bit grid
+    s, z = _C.search_scales(w32, bits, g, symmetric, steps, importance)  # 3-bit codes: searched on the 3-bit grid
     scale = round_scales(torch.from_numpy(s.reshape(n, k // g)), scale_dtype)
     zp = None if symmetric else torch.from_numpy(z.reshape(n, k // g).astype(np.float32))
     wg = _grouped(w.float(), group)

@@ -89,18 +89,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features) if has_input_scale else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig(), method: str = "rtn") -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig = QuantConfig(), method: str = "rtn",
+                    importance=None) -> "QuantLinear":
         """The layer quantized data-free: method "rtn" (range rule), "mse"
         (error-minimising scale search; see lowbit.quantize_array) or "auto"
-        (config.resolve_method: mse up to 4 bits, rtn for 8)."""
+        (config.resolve_method: mse up to 4 bits, rtn for 8). importance: per-input
+        weights of the search's squared error (used where the method is "mse")."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
+        resolved = resolve_method(method, c.bits)
         mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
-                                  symmetric=c.symmetric, method=resolve_method(method, c.bits),
-                                  scale_dtype=c.scale_dtype))
+                                  symmetric=c.symmetric, method=resolved, scale_dtype=c.scale_dtype,
+                                  importance=importance if resolved == "mse" else None))
         mod._copy_bias(linear.bias)
         return mod
 

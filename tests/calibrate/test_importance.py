@@ -9,7 +9,8 @@ import torch
 
 import lowbit
 from lowbit.nn import QuantLinear
-from lowbit.calibrate.importance import data_free_importance, gated_mlp_importance, mean_square_of_activation
+from lowbit.calibrate.importance import data_free_importance, gated_mlp_importance, mean_square_of_activation, \
+    row_mean_squares
 
 
 @pytest.mark.parametrize("kind,act", [("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu)])
@@ -33,7 +34,7 @@ def test_gated_mlp_importance_against_simulation():
     x = torch.randn(200_000, k, generator=gen) * g
     y = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
     sim = (y.double() ** 2).mean(0)
-    est = torch.from_numpy(gated_mlp_importance(gate, up, "silu", g)).double()
+    est = torch.from_numpy(gated_mlp_importance(row_mean_squares(gate * g), row_mean_squares(up * g), "silu")).double()
     assert est.shape == (n,) and abs(float(est.mean()) - 1) < 1e-6
     rel = (est / (sim / sim.mean()) - 1).abs()
     # gate and up rows share x, so they correlate by ~1/sqrt(K), which the estimate ignores

@@ -49,7 +49,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..api import _set_module
 from ..calibrate.ptq import DATA_FREE
 from ..arrays import SCALE_DTYPES
-from ..config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, QuantConfig, storage_bits
+from ..config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, QuantConfig, resolve_method, storage_bits
 from ..nn import QuantLinear
 from .hf_folder import layer_record, placeholder
 
@@ -140,6 +140,8 @@ class LowbitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list = []
         self._plans: dict = {}  # layer name -> QuantConfig, for quantizing while loading
+        self._importance = None  # calibrate.importance.DataFreeImportance under method="auto"
+        self._waiting: dict = {}  # down projection name -> float weight, until its gate and up are in
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -175,6 +177,14 @@ class LowbitHfQuantizer(HfQuantizer):
                                          cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits,
                                          cfg.scale_dtype if storage != 2 else "float32")
                        for name, mod in targets}
+        # method="auto" weighs down projections by an importance computed from the
+        # quantized gate and up layers (calibrate.importance): a down projection
+        # that arrives before them waits, in float, until they are in.
+        if cfg.method == "auto" and resolve_method(cfg.method, cfg.bits) == "mse":
+            from ..calibrate.importance import DataFreeImportance
+            from ..calibrate.memory import FreedMemoryReleaser
+            self._importance = DataFreeImportance(model, targets)
+            self._release_freed_memory = FreedMemoryReleaser()
         return model
 
     def _excluded(self, name: str, mod) -> bool:
@@ -194,9 +204,26 @@ class LowbitHfQuantizer(HfQuantizer):
         """Replace layer `name` (still on meta, or with its bias loaded) by its
         QuantLinear, quantized from the weight that just arrived."""
         old = model.get_submodule(name)
+        imp = self._importance
+        if imp is not None:
+            imp.observe(name, weight)
+        if imp is not None and name in imp.names() and not imp.ready(name):
+            self._waiting[name] = weight.detach()
+            return
+        self._replace(model, name, old, weight)
+        if imp is not None:
+            for down in [d for d in self._waiting if name in imp.inputs_of(d) and imp.ready(d)]:
+                self._replace(model, down, model.get_submodule(down), self._waiting.pop(down))
+                # The held weight freed below later allocations: under a memory cap,
+                # give the heap back (calibrate.memory), or the holes add up per layer.
+                self._release_freed_memory()
+
+    def _replace(self, model, name: str, old: nn.Module, weight: torch.Tensor) -> None:
         linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        new = QuantLinear.from_linear(linear, self._plans[name], method=self.quantization_config.method)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        importance = self._importance.get(name, model) if self._importance is not None else None
+        new = QuantLinear.from_linear(linear, self._plans[name], method=self.quantization_config.method,
+                                      importance=importance)
         if old.bias is not None and old.bias.device.type != "meta":  # the bias arrived first
             new.bias = nn.Parameter(old.bias.detach().to(new.orig_dtype))
         elif old.bias is not None:  # it arrives later, into the new layer
@@ -207,6 +234,8 @@ class LowbitHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return model
         cfg = self.quantization_config
+        for name in list(self._waiting):  # gate or up kept in float (excluded), or read after down
+            self._replace(model, name, model.get_submodule(name), self._waiting.pop(name))
         if cfg.bits == 3:
             from ..api import quantize
             quantize(model, bits=3, group_size=cfg.group_size, symmetric=cfg.symmetric, activations=cfg.activations,

@@ -150,8 +150,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         # K = 576), so a budget between them mixes int4 formats instead of
         # reaching for int2; 2x finer where int4 tiles allow it (g16 -> g8: 5.06
         # b/w), a step between the asked group and int8 per row (8.06): SmolLM2,
-        # data-free bits=5.6, 32 windows of Emma: 1.065x -> 1.054x float32
-        # perplexity (llama.cpp Q4_K_M 1.057x); bits=4.6 1.121x -> 1.126x.
+        # data-free bits=5.6, 32 windows of Emma: 1.056x float32 perplexity with
+        # it, 1.065x without (llama.cpp Q4_K_M 1.057x); bits=4.6 1.129x.
         coarse = None if group_size is None else 4 * group_size
         fine = group_size // 2 if group_size is not None and group_size // 2 >= GROUP_MULTIPLE[4] else None
         plans4 = [LayerPlan(4, g, scale_dtype) for g in [coarse, group_size] + ([fine] if fine else [])]

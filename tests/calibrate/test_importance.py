@@ -75,8 +75,11 @@ def test_default_weighs_only_the_down_projections():
     lin = model.model.layers[0].mlp.down_proj
     plain = QuantLinear.from_linear(lin, mse.model.layers[0].mlp.down_proj.config, method="mse")
     assert torch.equal(plain.data, mse.model.layers[0].mlp.down_proj.data)
-    # The budget path weighs the same layers' errors (and runs).
-    lowbit.quantize(copy.deepcopy(model), bits=4.6, progress=False)
+    # The budget path weighs the same layers' errors, and has int4 at half the
+    # group (g8) between g16 and int8 per row.
+    mixed = lowbit.quantize(copy.deepcopy(model), bits=5.2, progress=False)
+    groups = {m.config.group_size for m in mixed.modules() if isinstance(m, QuantLinear) and m.config.bits == 4}
+    assert 8 in groups, groups
 
 
 def test_importance_lowers_smollm2_down_projection_output_error():

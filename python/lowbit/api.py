@@ -57,7 +57,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         float matmul, warned once); a float budget such as 4.5 for automatic mixed
         precision (bits go where they help most per byte: each layer's output error
         per format is measured on ``calibration_data``, or without data its relative
-        weight error stands in); or a dict
+        weight error stands in, weighted as the search is under ``method="auto"``;
+        the formats: int4 at the asked group, 4x coarser and half of it, and int8
+        per row); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
       group_size: scales per this many inputs (default 16; None: per row). Where it does not
         divide a layer's inputs, the nearest divisor is used (the largest not above

@@ -112,6 +112,7 @@ class DataFreeImportance:
     def __init__(self, model: nn.Module, targets: list):
         self._mlps = {}   # down name -> (gate name, up name, activation kind)
         self._stats = {}  # gate / up name -> row mean squares
+        self._inputs = set()  # every gate / up name some down projection needs
         wanted = {name for name, _ in targets}
         for mlp_name, mlp in model.named_modules():
             for gate_attr, up_attr, down_attr in GATED_MLPS:
@@ -127,6 +128,7 @@ class DataFreeImportance:
                 if kind is None or gs != us or len(gs) != 2 or ds[1] != gs[0]:
                     continue
                 self._mlps[prefix + down_attr] = (prefix + gate_attr, prefix + up_attr, kind)
+                self._inputs.update((prefix + gate_attr, prefix + up_attr))
                 for name, mod in ((prefix + gate_attr, gate), (prefix + up_attr, up)):
                     w = _float_weight(mod)
                     if w is not None:
@@ -141,7 +143,7 @@ class DataFreeImportance:
 
     def observe(self, name: str, weight: torch.Tensor) -> None:
         """Record ``name``'s float weight if a down projection's importance needs it."""
-        if any(name in v[:2] for v in self._mlps.values()):
+        if name in self._inputs:
             self._stats[name] = row_mean_squares(weight)
 
     def ready(self, name: str) -> bool:

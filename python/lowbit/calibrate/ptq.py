@@ -172,6 +172,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
                         act_order: bool, progress: bool, importance: Optional[dict] = None) -> None:
     from ..nn import QuantLinear
     from ..api import _set_module as replace_module
+    importance = importance or {}
     items = targets
     if progress:
         try:
@@ -183,7 +184,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
     stacked = stack_batches(data) if needs_data else None
     if stacked is not None:
         return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
-                         act_order, items, progress, importance or {})
+                         act_order, items, progress, importance)
     if needs_data:
         print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
               "passes); equal-shape batches take one pass", file=sys.stderr)
@@ -198,7 +199,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
             if stats.rows == 0:
                 raise ValueError(f"layer {name!r} never ran on the calibration data")
         replace_module(model, name, _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations,
-                                                    static, observer, act_order, (importance or {}).get(name)))
+                                                    static, observer, act_order, importance.get(name)))
         del stats
         release_freed_memory()
     _report_plan(plans, progress)

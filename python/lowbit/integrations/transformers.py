@@ -178,8 +178,8 @@ class LowbitHfQuantizer(HfQuantizer):
                                          cfg.scale_dtype if storage != 2 else "float32")
                        for name, mod in targets}
         # method="auto" weighs down projections by an importance computed from the
-        # quantized gate and up layers (calibrate.importance): a down projection
-        # that arrives before them waits, in float, until they are in.
+        # float gate and up weights as they arrive (calibrate.importance): a down
+        # projection that arrives before them waits, in float, until they are in.
         if cfg.method == "auto" and resolve_method(cfg.method, cfg.bits) == "mse":
             from ..calibrate.importance import DataFreeImportance
             from ..calibrate.memory import FreedMemoryReleaser

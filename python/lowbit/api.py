@@ -59,7 +59,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         per format is measured on ``calibration_data``, or without data its relative
         weight error stands in, weighted as the search is under ``method="auto"``;
         the formats: int4 at the asked group, 4x coarser and half of it, and int8
-        per row); or a dict
+        per row; under ``method="auto"`` the errors of value projections and of a
+        language model's last block count 10x, see lowbit.calibrate.priors); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
       group_size: scales per this many inputs (default 16; None: per row). Where it does not
         divide a layer's inputs, the nearest divisor is used (the largest not above
@@ -168,6 +169,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             candidates.insert(0, LayerPlan(2, group_size))
         if data is None:  # data-free: weight-space error stands in for the output error
             sens = weight_sensitivities(targets, candidates, symmetric, method, importance)
+            if method == "auto":  # value projections, a language model's last block: calibrate.priors
+                from .calibrate.priors import scale_sensitivities, sensitivity_priors
+                sens = scale_sensitivities(sens, sensitivity_priors(model, targets))
         else:
             sens = sensitivities(model, targets, data, candidates, symmetric)
         plans = mixed_plan(targets, sens, bits)

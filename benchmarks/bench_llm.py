@@ -34,6 +34,9 @@ VARIANTS = {  # name -> (float dtype, lowbit.quantize kwargs or None)
     "torch fp32": ("float32", None),
     "torch bf16": ("bfloat16", None),
     "lowbit int4": ("float32", dict(bits=4)),
+    # The data-free bits=4.6 budget (int4 g64/g16/g8 + int8 per row, sensitivity
+    # priors): SmolLM2 only, its planner is about quality, not speed.
+    "lowbit bits=4.6": ("float32", dict(bits=4.6)),
     "lowbit W4A8": ("float32", dict(bits=4, activations=8)),
     "lowbit W8A8": ("float32", dict(bits=8, group_size=None, activations=8)),
     "lowbit int8": ("float32", dict(bits=8, group_size=None)),
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
             for v in VARIANTS:
                 if m == "llama1b" and v == "torch bf16" and th == 1:
                     continue  # no bf16 units on AVX2-only CPUs: ~5 minutes for one row
+                if m == "llama1b" and v == "lowbit bits=4.6":
+                    continue  # random weights: a plan for quality means nothing there
                 spec = dict(model=m, variant=v, threads=th, ppl=(m == "smollm2" and th == max(threads)),
                             reps=1 if (m == "llama1b" and v.startswith("torch")) else 2,
                             profile=(v in ("torch fp32", "lowbit int4", "lowbit W4A8") and th == max(threads)))

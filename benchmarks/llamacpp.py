@@ -63,6 +63,12 @@ def convert(hf_dir: Path, name: str, types=("Q8_0", "Q4_0", "Q4_K_M")) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     f32 = out_dir / f"{name}-F32.gguf"
     if not f32.exists():
+        import importlib.util
+        if importlib.util.find_spec("sentencepiece") is None:
+            # convert_hf_to_gguf.py tries a SentencePiece vocabulary first and
+            # only an ImportError-free miss falls through to tokenizer.json.
+            raise RuntimeError("llama.cpp's convert_hf_to_gguf.py needs the sentencepiece package: "
+                               "pip install sentencepiece (make bench-llm installs it)")
         src = source()
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
         tmp = f32.with_suffix(".tmp")

@@ -167,8 +167,8 @@ def decode_profile(model, tok, steps: int = 32) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
+    from llamacpp import env_without_wait_policy
+    env = env_without_wait_policy()
     if spec["variant"].startswith("lowbit"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,

@@ -86,10 +86,11 @@ def convert(hf_dir: Path, name: str, types=("Q8_0", "Q4_0", "Q4_K_M")) -> dict:
     return paths
 
 
-def _own_env() -> dict:
-    """The environment without OMP_WAIT_POLICY: llama.cpp's OpenMP threads meet at
-    a barrier after every op, and PASSIVE (which lowbit's runs set for torch) put
-    them to sleep there: SmolLM2 Q4_0 decoded at 57-59 tokens/s on 2 threads
+def env_without_wait_policy() -> dict:
+    """The environment without OMP_WAIT_POLICY: for llama.cpp's tools, and the base
+    of bench_llm's workers (which set it per variant). llama.cpp's OpenMP threads
+    meet at a barrier after every op, and PASSIVE (which lowbit's runs set for
+    torch) put them to sleep there: SmolLM2 Q4_0 decoded at 57-59 tokens/s on 2 threads
     against 174-179 on 1 (Zen 4, 2026-12-05)."""
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
@@ -99,7 +100,7 @@ def _own_env() -> dict:
 def bench(gguf: Path, threads: int, n_prompt: int = 512, n_gen: int = 128, reps: int = 3) -> dict:
     """{"pp": tokens/s, "tg": tokens/s} from llama-bench."""
     r = _run([build() / "llama-bench", "-m", gguf, "-p", n_prompt, "-n", n_gen, "-t", threads, "-r", reps,
-              "-o", "csv"], capture_output=True, text=True, env=_own_env())
+              "-o", "csv"], capture_output=True, text=True, env=env_without_wait_policy())
     out = {}
     for row in csv.DictReader(io.StringIO(r.stdout)):
         key = "pp" if int(row["n_prompt"]) else "tg"
@@ -109,7 +110,7 @@ def bench(gguf: Path, threads: int, n_prompt: int = 512, n_gen: int = 128, reps:
 
 def perplexity(gguf: Path, text_file: Path, threads: int, chunks: int) -> float:
     r = _run([build() / "llama-perplexity", "-m", gguf, "-f", text_file, "-c", 512, "-t", threads,
-              "--chunks", chunks], capture_output=True, text=True, env=_own_env())
+              "--chunks", chunks], capture_output=True, text=True, env=env_without_wait_policy())
     for line in reversed((r.stdout + r.stderr).splitlines()):
         if "Final estimate: PPL =" in line:
             return float(line.split("PPL =")[1].split()[0])

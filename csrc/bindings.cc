@@ -756,6 +756,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("shuffle_gemv_enabled", &lowbit::ShuffleGemvEnabled);
   m.def("set_shuffle_gemv_enabled", &lowbit::SetShuffleGemvEnabled,
         "Test hook: disable (or re-enable) the byte-shuffle weight-only GEMV below AVX-512.");
+  m.def("bf16_gemv_active", &lowbit::Bf16GemvActive);
+  m.def("set_bf16_gemv_enabled", &lowbit::SetBf16GemvEnabled,
+        "Test hook: disable (or re-enable) the bfloat16-dot weight-only GEMV (AVX512_BF16).");
   m.def("set_num_threads", [](int n) {
     if (n < 1) Fail("num_threads must be >= 1, got " + std::to_string(n));
     lowbit::SetNumThreads(n);

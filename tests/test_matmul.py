@@ -18,30 +18,43 @@ FORMATS = [  # bits, group, symmetric
 from conftest import TARGETS  # noqa: E402
 from lowbit.runtime import only_target  # noqa: E402
 
-# Every compiled target with its default dot product; on AVX-512 with VNNI also
-# the int16 multiply-add path with VNNI switched off.
+# Every compiled target with its default run-time paths; on AVX-512 with VNNI or
+# AVX512_BF16 also with both switched off (the int16 multiply-add dot and the
+# decode-loop weight-only GEMV).
 _VNNI = bool(_C.cpu_features().get("avx512vnni"))
-PATHS = [(mask, name, "vnni" if name == "AVX3" and _VNNI else "portable") for mask, name in TARGETS]
-PATHS += [(mask, name, "portable") for mask, name in TARGETS if name == "AVX3" and _VNNI]
+_BF16 = bool(_C.cpu_features().get("avx512bf16"))
+_FAST = "+".join(name for name, on in (("vnni", _VNNI), ("bf16", _BF16)) if on)
+PATHS = [(mask, name, _FAST if name == "AVX3" and _FAST else "portable") for mask, name in TARGETS]
+PATHS += [(mask, name, "portable") for mask, name in TARGETS if name == "AVX3" and _FAST]
 
 
 @pytest.fixture(params=PATHS, ids=[f"{name}-{path}" for _, name, path in PATHS])
 def dot_path(request):
     mask, name, path = request.param
-    _C.set_vnni_enabled(path == "vnni")
+    _C.set_vnni_enabled("vnni" in path)
+    _C.set_bf16_gemv_enabled("bf16" in path)
     try:
         with only_target(mask):
-            assert _C.vnni_active() == (path == "vnni")
+            assert _C.vnni_active() == ("vnni" in path)
+            assert _C.bf16_gemv_active() == ("bf16" in path)
             yield path
     finally:
         _C.set_vnni_enabled(True)
+        _C.set_bf16_gemv_enabled(True)
+
+
+def bf16_gemv(m, act_bits, zero_points):
+    """Whether lowbit.matmul of m rows takes the bfloat16-dot GEMV (its bound
+    carries the activation split: reference.matmul(..., bf16_split=True))."""
+    return _C.bf16_gemv_active() and m < 4 and not act_bits and zero_points is None
 
 
 def check(x, q, group, act_bits):
     pw = lowbit.pack_weights(q)
     y = lowbit.matmul(x, pw, act_bits=act_bits)
     r, bound = ref.matmul(x, q.codes(), q.scales if q.group_size != "tensor" else
-                          np.repeat(q.scales, q.shape[0]), q.zero_points, group, act_bits)
+                          np.repeat(q.scales, q.shape[0]), q.zero_points, group, act_bits,
+                          bf16_split=bf16_gemv(x.shape[0], act_bits, q.zero_points))
     assert y.shape == r.shape and y.dtype == np.float32
     err = np.abs(y - r)
     assert np.all(err <= bound), f"max err {err.max()} vs bound {bound[err > bound].min()}"
@@ -260,7 +273,8 @@ def test_narrow_scales_match_the_reference_and_float32_tiles(dot_path, rng, m, b
     assert (pn.row_scales is not None) == (scale_dtype == "int8")
     yn = lowbit.matmul(x, pn, act_bits=act_bits)
     np.testing.assert_array_equal(yn, lowbit.matmul(x, lowbit.pack_weights(q), act_bits=act_bits))
-    r, bound = ref.matmul(x, q.codes(), q.scales, q.zero_points, group, act_bits)
+    r, bound = ref.matmul(x, q.codes(), q.scales, q.zero_points, group, act_bits,
+                          bf16_split=bf16_gemv(m, act_bits, q.zero_points))
     assert np.all(np.abs(yn - r) <= bound)
 
 
@@ -343,21 +357,106 @@ def test_shuffle_gemv_is_bit_identical_to_the_decode_loop(target, rng, shuffle_o
         shuffle_off(False)
         slow = lowbit.matmul(x[:m], pw)
         np.testing.assert_array_equal(fast, slow)
-        r, bound = ref.matmul(x[:m], q.codes(), q.scales, None, group, None)
+        r, bound = ref.matmul(x[:m], q.codes(), q.scales, None, group, None, bf16_split=bf16_gemv(m, None, None))
         assert np.all(np.abs(fast - r) <= bound)
+
+
+def out_of_range_rows(rng):
+    """Weights [48, 64] and 3 rows of x: a huge value in row 0, inf in row 1."""
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[0, 3] = 3e37
+    x[1, 60] = np.inf
+    return rng.standard_normal((48, 64)).astype(np.float32), x
 
 
 def test_shuffle_gemv_leaves_out_of_range_rows_to_the_decode_loop(target, rng, shuffle_off):
     # Rows with |x| > 2^64 or inf could overflow the scaled sums: they take the
     # generic loop (same results as with the shuffle path off), other rows do not.
-    w = rng.standard_normal((48, 64)).astype(np.float32)
+    w, x = out_of_range_rows(rng)
     pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    x[0, 3] = 3e37
-    x[1, 60] = np.inf
     shuffle_off(True)
     fast = lowbit.matmul(x, pw)
     shuffle_off(False)
     slow = lowbit.matmul(x, pw)
     np.testing.assert_array_equal(fast, slow)
     assert np.all(np.isfinite(fast[0])) and np.abs(fast[0]).max() > 1e36
+
+
+# ------------------------------------------------ bfloat16-dot GEMV (gemv_bf16-inl.h)
+@pytest.fixture
+def bf16_switch():
+    yield _C.set_bf16_gemv_enabled
+    _C.set_bf16_gemv_enabled(True)
+
+
+BF16_FORMATS = [  # bits, group, scale dtype
+    (4, 16, "int8"), (4, 32, "float16"), (4, None, "float32"), (4, 128, "float32"),
+    (8, None, "float32"), (8, 64, "int8"), (8, 32, "float16"),
+]
+
+
+@pytest.mark.parametrize("bits,group,scale_dtype", BF16_FORMATS, ids=[f"int{b}-{g}-{d}" for b, g, d in BF16_FORMATS])
+@pytest.mark.parametrize("n,k", [(37, 256), (100, 576), (16, 8), (70, 13)])
+def test_bf16_gemv_matches_the_reference_and_the_decode_loop(target, rng, bf16_switch, bits, group, scale_dtype,
+                                                             n, k):
+    # The bfloat16-dot GEMV (AVX-512 with AVX512_BF16) against the float64
+    # reference with the split's bound, and against the decode loop (bf16 off):
+    # both within their bounds, so they differ by at most the sum of the two.
+    # Other targets never take it: on and off are then the same floats.
+    if group is not None and k % group:
+        group = None
+    w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-3, 3, (n, 1)))).astype(np.float32)
+    x = (rng.standard_normal((3, k)) * np.exp(rng.uniform(-20, 20, (3, 1)))).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=bits, group_size=group, scale_dtype=scale_dtype)
+    pw = lowbit.pack_weights(q, scale_dtype=scale_dtype)
+    for m in (1, 2, 3):
+        bf16_switch(True)
+        active = _C.bf16_gemv_active()
+        assert active == (target == "AVX3" and _BF16)
+        fast = lowbit.matmul(x[:m], pw, bias=bias)
+        bf16_switch(False)
+        slow = lowbit.matmul(x[:m], pw, bias=bias)
+        r, bound = ref.matmul(x[:m], q.codes(), q.scales, None, group, None, bf16_split=active)
+        r = r + bias
+        assert np.all(np.abs(fast - r) <= bound + 1e-6 * np.abs(bias))
+        if not active:
+            np.testing.assert_array_equal(fast, slow)
+
+
+def test_bf16_gemv_split_keeps_16_bits(rng, bf16_switch):
+    # x = 1 + 2^-8 + 2^-12 is 2^-8.1 away from its nearest bfloat16 (1 + 2^-7):
+    # one bfloat16 part would be off by that much, the two parts of the split are
+    # within 2^-16 (here exact: the rest, -(2^-8 - 2^-12), is a bfloat16).
+    x = np.full((1, 64), 1 + 2.0 ** -8 + 2.0 ** -12, np.float32)
+    one_part = ref.decode_float(ref.encode_float(x, "bfloat16"), "bfloat16")
+    assert np.abs(one_part - x).max() > 2.0 ** -9
+    w = rng.uniform(0.5, 1.0, (16, 64)).astype(np.float32)
+    q = lowbit.quantize_array(w, bits=4, group_size=32)
+    bf16_switch(True)
+    y = lowbit.matmul(x, lowbit.pack_weights(q))
+    exact = x[0].astype(np.float64) @ q.dequantize().astype(np.float64).T
+    assert np.all(np.abs(y[0] - exact) <= 2.0 ** -16 * np.abs(exact))
+
+
+def test_bf16_gemv_leaves_asymmetric_weights_and_out_of_range_rows_to_the_decode_loop(rng, bf16_switch):
+    # Zero points are not in the permute tables, and rows with inf or |x| > 2^64
+    # could overflow a part: those take the decode loop (bf16 on == off, bit for
+    # bit), while the in-range rows of the same call take the bfloat16 dots.
+    w, x = out_of_range_rows(rng)
+    asym = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32, symmetric=False))
+    bf16_switch(True)
+    a = lowbit.matmul(x[2:], asym)
+    bf16_switch(False)
+    np.testing.assert_array_equal(a, lowbit.matmul(x[2:], asym))
+    sym = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32))
+    bf16_switch(True)
+    on = lowbit.matmul(x, sym)
+    bf16_switch(False)
+    off = lowbit.matmul(x, sym)
+    np.testing.assert_array_equal(on[:2], off[:2])
+    assert np.all(np.isfinite(on[0])) and np.abs(on[0]).max() > 1e36
+    r, bound = ref.matmul(x[2:], lowbit.quantize_array(w, bits=4, group_size=32).codes(),
+                          lowbit.quantize_array(w, bits=4, group_size=32).scales, None, 32, None,
+                          bf16_split=_C.bf16_gemv_active())
+    assert np.all(np.abs(on[2:] - r) <= bound)

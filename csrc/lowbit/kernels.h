@@ -133,6 +133,10 @@ void SetVnniEnabled(bool enabled);
 // The byte-shuffle weight-only GEMV of targets below AVX-512 (on by default).
 bool ShuffleGemvEnabled();
 void SetShuffleGemvEnabled(bool enabled);
+// The bfloat16-dot weight-only GEMV of AVX-512 CPUs with AVX512_BF16
+// (gemv_bf16-inl.h): whether it runs, and the test hook that turns it off.
+bool Bf16GemvActive();
+void SetBf16GemvEnabled(bool enabled);
 
 // Highway targets compiled into this module (bit masks and names), the one
 // dispatch picks now, and a test hook restricting dispatch (0 = no limit).

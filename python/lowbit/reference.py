@@ -331,7 +331,7 @@ def quantize_activations(x):
     return q, np.where(ok, scale, np.float32(0)).astype(np.float32)
 
 
-def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
+def matmul(x, codes, scales, zero_points, group_size, act_bits=None, bf16_split=False):
     """x [M, K] @ dequant(W).T in float64, and a rigorous bound on the error a
     float32 kernel may add (|result - kernel| <= bound).
 
@@ -341,6 +341,10 @@ def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
     integer sums are exact, so the bound only covers the float32 epilogue
     (per-group scale multiply-adds and the final activation-scale multiply).
     Without, the bound is the classic (K + groups + 2) * 2^-24 * sum |w x|.
+    bf16_split=True bounds the bfloat16-dot weight-only GEMV (gemv_bf16-inl.h,
+    AVX512_BF16, M < 4, symmetric codes): x enters as two bfloat16 parts
+    (|x - hi - lo| <= 2^-16 |x|) summed in two accumulators added once per group,
+    so the bound gains 2^-16 * sum |w x| and one rounding per group.
     """
     x = np.asarray(x, np.float32)
     c = np.asarray(codes, np.int64)
@@ -363,7 +367,11 @@ def matmul(x, codes, scales, zero_points, group_size, act_bits=None):
     w = (w_int * s[:, :, None]).reshape(n, k)
     x64 = x.astype(np.float64)
     result = x64 @ w.T
-    bound = (k + k // g + 3) * eps * (np.abs(x64) @ np.abs(w).T) * 1.01 + 1e-30
+    mag = np.abs(x64) @ np.abs(w).T
+    if bf16_split:
+        bound = ((k + 2 * (k // g) + 3) * eps + 2.0 ** -16) * mag * 1.01 + 1e-30
+    else:
+        bound = (k + k // g + 3) * eps * mag * 1.01 + 1e-30
     return result, bound
 
 

@@ -281,6 +281,8 @@ class QuantLinear(nn.Module):
             return "W2 dequantize + float matmul (no int2 kernel)"
         if c.act_bits == 8:
             return f"W{c.bits}A8{' static' if self.act_scale else ''} int8-dot ({'VNNI' if _C.vnni_active() else 'int16 madd'})"
+        if c.symmetric and _C.bf16_gemv_active():  # the GEMV of 1-3 rows (csrc/lowbit/gemv_bf16-inl.h)
+            return f"W{c.bits} weight-only fp32-FMA (1-3 rows: bf16x2-dot, AVX512_BF16)"
         return f"W{c.bits} weight-only fp32-FMA"
 
     def extra_repr(self) -> str:

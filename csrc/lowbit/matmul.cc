@@ -599,12 +599,7 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
 #if HWY_TARGET == HWY_AVX3
         if (bf16[r]) {
           const uint32_t* xp = pairs.data() + r * row_pairs;
-          switch (nt) {
-            case 4: Bf16GemvBlock<4, kBits>(xp, w, t0, orow); break;
-            case 3: Bf16GemvBlock<3, kBits>(xp, w, t0, orow); break;
-            case 2: Bf16GemvBlock<2, kBits>(xp, w, t0, orow); break;
-            default: Bf16GemvBlock<1, kBits>(xp, w, t0, orow);
-          }
+          for (size_t t = 0; t < nt; ++t) Bf16GemvTile<kBits>(pairs.data() + r * row_pairs, w, t0 + t, orow);
           continue;
         }
 #endif

@@ -274,31 +274,82 @@ void ForTileGroups(size_t tiles, const Fn& fn) {
   });
 }
 
-// Tiles per GEMV block. AVX-512: 4 tiles give 4 independent vpdpbusd chains
-// (latency 5) and 4 weight streams in flight, in 8 + 4 of 32 zmm. AVX2 and
-// SSE: 2 tiles; 4 needed 8 int + 8 float accumulators of 16 ymm, and the
-// spills and reloads of the float ones took ~13% of the in-cache profile. With
-// DotMaddubs, 8192x2048 int4 g16 from DRAM, 3 alternating runs: 20 -> 25 G
-// weights/s on 1 thread, 38 -> 45 on 2.
+// Tiles per unit of GEMV work claimed by a thread (the tiles of a unit are read
+// in order, one after the other: IntGemvTile). Until 2026-12-05 a unit's 4 tiles
+// (AVX2: 2) were read interleaved for 4 independent dot chains; reading them in
+// order, with the chains inside a tile, measured faster from DRAM on a Zen 4
+// core: W4A8 int4 g16 8192x2048 28 -> 40 G weights/s (AVX2 target 26 -> 35),
+// 1536x576 19 -> 27, W8A8 49152x576 15 -> 25.
 #ifndef LOWBIT_INT_GEMV_TILES
-#define LOWBIT_INT_GEMV_TILES (HWY_TARGET == HWY_AVX3 ? 4 : 2)
+#define LOWBIT_INT_GEMV_TILES 4
 #endif
+// One activation row times tile t over all of K, for a GEMV that walks the
+// tiles in order: its weights are one sequential stream, which a core reads
+// faster from DRAM than 4 tiles interleaved 64 bytes at a time (Zen 4: 22-23
+// against 12-19 GB/s in a read-only microbenchmark). The independent dot
+// chains come from within the tile: int4 nibble halves (int8: even and odd
+// k-steps) in separate accumulators, summed per group. Integer sums are exact,
+// so the results equal IntBlock's bit for bit.
+template <class Dot, int kBits, ScaleKind kScales>
+HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum, const TiledWeights& w,
+                            size_t t, float* out) {
+  const DF df;
+  const DI di;
+  const DU8 du8;
+  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  const size_t steps_per_group = w.group / kStep;
+  const uint8_t* tile = w.data + t * (w.kp / kStep) * kBlockBytes;
+  VF facc[kVecs];
+  for (size_t v = 0; v < kVecs; ++v) facc[v] = hn::Zero(df);
+  for (size_t g = 0; g < w.ngroups; ++g) {
+    VI chain[2][kVecs];
+    for (size_t v = 0; v < kVecs; ++v) chain[0][v] = chain[1][v] = hn::Zero(di);
+    for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+      const uint8_t* blk = tile + s * kBlockBytes;
+      hwy::Prefetch(blk + LOWBIT_PF_BLOCKS * kBlockBytes);
+      for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
+        int32_t x4;
+        std::memcpy(&x4, xq + s * kStep + half * 4, 4);
+        const auto xo = Dot::Prepare(x4);
+        const size_t c = kBits == 4 ? half : (s & 1);
+        for (size_t v = 0; v < kVecs; ++v) {
+          auto b = hn::LoadU(du8, blk + v * kLanes * 4);
+          if (kBits == 4) {  // int4: low nibbles hold k-step half 0, high nibbles half 1
+            b = half == 0 ? hn::And(b, hn::Set(du8, 0x0F))
+                          : hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b))),
+                                    hn::Set(du8, 0x0F));
+          }
+          chain[c][v] = Dot::Dot(chain[c][v], b, xo);
+        }
+      }
+    }
+    for (size_t v = 0; v < kVecs; ++v) {
+      const size_t idx = (t * w.ngroups + g) * kTileRows + v * kLanes;
+      const auto corr = hn::Mul(LoadOffsets(w, idx), hn::Set(di, xsum[g]));
+      const auto exact = hn::ConvertTo(df, hn::Sub(hn::Add(chain[0][v], chain[1][v]), corr));
+      facc[v] = hn::MulAdd(exact, LoadScales<kScales>(w, idx, t * kTileRows + v * kLanes), facc[v]);
+    }
+  }
+  const size_t n0 = t * kTileRows;
+  if (n0 >= w.n) return;
+  const bool whole = n0 + kTileRows <= w.n;
+  alignas(64) float buf[kTileRows];
+  float* dst = whole ? out + n0 : buf;
+  for (size_t v = 0; v < kVecs; ++v) {
+    auto y = hn::Mul(facc[v], hn::Set(df, xscale));
+    if (w.bias) y = hn::Add(y, hn::LoadU(df, w.bias + n0 + v * kLanes));
+    hn::StoreU(y, df, dst + v * kLanes);
+  }
+  if (!whole) std::memcpy(out + n0, buf, (w.n - n0) * sizeof(float));
+}
+
 template <class Dot, int kBits, ScaleKind kScales>
 void IntGemv(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
              const TiledWeights& w, float* out, size_t out_stride) {
-  constexpr size_t kGemvTiles = LOWBIT_INT_GEMV_TILES;
-  ForTileGroups<kGemvTiles>(w.tiles, [&](size_t t0, size_t nt) {
-    for (size_t r = 0; r < m; ++r) {
-      const int8_t* xr = xq + r * w.kp;
-      const int32_t* sr = xsum + r * w.ngroups;
-      float* orow = out + r * out_stride;
-      switch (nt) {
-        case 4: IntBlock<Dot, 1, 4, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-        case 3: IntBlock<Dot, 1, 3, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-        case 2: IntBlock<Dot, 1, 2, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1); break;
-        default: IntBlock<Dot, 1, 1, kBits, kScales>(xr, w.kp, xscale + r, sr, w, t0, orow, out_stride, 1);
-      }
-    }
+  ForTileGroups<LOWBIT_INT_GEMV_TILES>(w.tiles, [&](size_t t0, size_t nt) {
+    for (size_t r = 0; r < m; ++r)
+      for (size_t t = t0; t < t0 + nt; ++t)
+        IntGemvTile<Dot, kBits, kScales>(xq + r * w.kp, xscale[r], xsum + r * w.ngroups, w, t, out + r * out_stride);
   });
 }
 

@@ -116,8 +116,11 @@ HWY_INLINE __m512i NibbleTable(int base) {
 // acc += pairs(w) . pairs(x) per 32-bit lane. Inline asm as DotVnni: the
 // compiler never emits AVX512_BF16 by itself here, so no other code of this
 // target needs the extension.
-HWY_INLINE __m512 DotBf16(__m512 acc, __m512i w, __m512i x) {
-  asm("vdpbf16ps %[x], %[w], %[a]" : [a] "+v"(acc) : [w] "v"(w), [x] "v"(x));
+// The activation pair is broadcast from memory by the instruction itself
+// ({1to16}): one instruction instead of a broadcast and the dot (int4 g16
+// 8192x2048 from DRAM 30 -> 31.5 G weights/s).
+HWY_INLINE __m512 DotBf16Bcst(__m512 acc, __m512i w, const uint32_t* x) {
+  asm("vdpbf16ps %[x]%{1to16%}, %[w], %[a]" : [a] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
   return acc;
 }
 
@@ -154,14 +157,14 @@ HWY_INLINE void Bf16GemvTile(const uint32_t* xp, const TiledWeights& w, size_t t
       const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 4), tab_hi);
       const __m512i c2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 8), tab_lo);
       const __m512i c3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 12), tab_hi);
-      a0 = DotBf16(a0, c0, _mm512_set1_epi32(static_cast<int>(xs[0])));
-      b0 = DotBf16(b0, c0, _mm512_set1_epi32(static_cast<int>(xs[4])));
-      a1 = DotBf16(a1, c1, _mm512_set1_epi32(static_cast<int>(xs[1])));
-      b1 = DotBf16(b1, c1, _mm512_set1_epi32(static_cast<int>(xs[5])));
-      a0 = DotBf16(a0, c2, _mm512_set1_epi32(static_cast<int>(xs[2])));
-      b0 = DotBf16(b0, c2, _mm512_set1_epi32(static_cast<int>(xs[6])));
-      a1 = DotBf16(a1, c3, _mm512_set1_epi32(static_cast<int>(xs[3])));
-      b1 = DotBf16(b1, c3, _mm512_set1_epi32(static_cast<int>(xs[7])));
+      a0 = DotBf16Bcst(a0, c0, xs + 0);
+      b0 = DotBf16Bcst(b0, c0, xs + 4);
+      a1 = DotBf16Bcst(a1, c1, xs + 1);
+      b1 = DotBf16Bcst(b1, c1, xs + 5);
+      a0 = DotBf16Bcst(a0, c2, xs + 2);
+      b0 = DotBf16Bcst(b0, c2, xs + 6);
+      a1 = DotBf16Bcst(a1, c3, xs + 3);
+      b1 = DotBf16Bcst(b1, c3, xs + 7);
     }
     const __m512 scale = LoadScales(w, (t0 * w.ngroups + g) * kTileRows, t0 * kTileRows).raw;
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(b0, b1));

@@ -440,8 +440,9 @@ def test_bf16_gemv_split_keeps_16_bits(rng, bf16_switch):
 
 
 def test_bf16_gemv_leaves_asymmetric_weights_and_out_of_range_rows_to_the_decode_loop(rng, bf16_switch):
-    # Zero points are not in the permute tables, and rows with inf or |x| > 2^64
-    # could overflow a part: those take the decode loop (bf16 on == off, bit for
+    # Zero points are not in the permute tables, rows with inf or |x| > 2^64
+    # could overflow a part, and values below 2^-60 could make denormals that
+    # vdpbf16ps flushes: those take the decode loop (bf16 on == off, bit for
     # bit), while the in-range rows of the same call take the bfloat16 dots.
     w, x = out_of_range_rows(rng)
     asym = lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=32, symmetric=False))
@@ -456,6 +457,12 @@ def test_bf16_gemv_leaves_asymmetric_weights_and_out_of_range_rows_to_the_decode
     off = lowbit.matmul(x, sym)
     np.testing.assert_array_equal(on[:2], off[:2])
     assert np.all(np.isfinite(on[0])) and np.abs(on[0]).max() > 1e36
+    tiny = x[2:].copy()
+    tiny[0, :32] *= np.float32(1e-30)   # 2^-99: parts would be denormal
+    bf16_switch(True)
+    t_on = lowbit.matmul(tiny, sym)
+    bf16_switch(False)
+    np.testing.assert_array_equal(t_on, lowbit.matmul(tiny, sym))
     r, bound = ref.matmul(x[2:], lowbit.quantize_array(w, bits=4, group_size=32).codes(),
                           lowbit.quantize_array(w, bits=4, group_size=32).scales, None, 32, None,
                           bf16_split=_C.bf16_gemv_active())

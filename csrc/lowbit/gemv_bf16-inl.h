@@ -28,13 +28,15 @@
 //   * vdpbf16ps multiplies each bfloat16 pair by the matching activation pair
 //     and adds both products into the float32 lane: one instruction per 32
 //     products, the throughput of one FMA of 16.
-// Accuracy: every product is exact (a code has <= 5 significant bits, a part 8),
-// the sums round in float32 as an FMA chain does, but vdpbf16ps treats
-// denormal inputs and results as zero whatever MXCSR says (an absolute error
-// below 2^-126 per product). With the split, the GEMV's error bound is the
-// float32 one plus 2^-16 sum |w x| (python/lowbit/reference.py matmul(...,
-// bf16_split=True)). Rows that are not finite or exceed |x| <= 2^64 take the
-// decode loop, as in the shuffle GEMV.
+// Accuracy: every product is exact (a code has <= 5 significant bits, a part 8)
+// and the sums round in float32 as an FMA chain does. vdpbf16ps treats denormal
+// inputs and results as zero whatever MXCSR says, so only rows whose nonzero
+// values lie in [2^-60, 2^64] take this path: their parts are >= 2^-84 and every
+// product and partial sum has its lowest bit above 2^-126, so nothing is ever
+// flushed (and nothing overflows). Other rows (denormal-scale values, inf,
+// NaN, |x| > 2^64) take the decode loop. With the split, the error bound is
+// the float32 one plus 2^-16 sum |w x| (python/lowbit/reference.py matmul(...,
+// bf16_split=True)).
 
 #if defined(LOWBIT_GEMV_BF16_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LOWBIT_GEMV_BF16_INL_H_
@@ -45,6 +47,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "hwy/cache_control.h"
@@ -59,6 +62,28 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 #if HWY_TARGET == HWY_AVX3
+
+// True if every x[i] is 0 or finite with 2^-60 <= |x[i]| <= 2^64: the range of
+// the split (see Accuracy above).
+HWY_INLINE bool FitsBf16SplitRange(const float* x, size_t k) {
+  constexpr float kMax = 18446744073709551616.0f, kMin = 8.67361737988403547e-19f;  // 2^64, 2^-60
+  const hn::ScalableTag<float> df;
+  const size_t n = hn::Lanes(df);
+  const auto vmax = hn::Set(df, kMax), vmin = hn::Set(df, kMin), zero = hn::Zero(df);
+  auto bad = hn::Lt(zero, zero);
+  size_t i = 0;
+  for (; i + n <= k; i += n) {
+    const auto a = hn::Abs(hn::LoadU(df, x + i));
+    const auto ok = hn::Or(hn::Eq(a, zero), hn::And(hn::Le(vmin, a), hn::Le(a, vmax)));  // NaN: false
+    bad = hn::Or(bad, hn::Not(ok));
+  }
+  if (!hn::AllFalse(df, bad)) return false;
+  for (; i < k; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a == 0.0f || (a >= kMin && a <= kMax))) return false;
+  }
+  return true;
+}
 
 // bfloat16 bits of a finite float, rounded to nearest even (no overflow for
 // |x| <= 2^64, the caller's range).

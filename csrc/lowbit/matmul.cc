@@ -636,7 +636,7 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
     const size_t row_pairs = w.kp / (kBits == 4 ? 8 : 4) * 8;
     if (w.offsets == nullptr && g_bf16_gemv_enabled.load(std::memory_order_relaxed)) {
       for (size_t r = 0; r < m; ++r) {
-        bf16[r] = FitsShuffleRange(x + r * x_stride, w.k);
+        bf16[r] = FitsBf16SplitRange(x + r * x_stride, w.k);
         if (!bf16[r]) continue;
         pairs.resize(m * row_pairs);
         PrepareBf16Pairs<kBits>(x + r * x_stride, w.kp, pairs.data() + r * row_pairs);

@@ -110,10 +110,12 @@ def test_per_tensor_and_dtypes(rng):
     np.testing.assert_array_equal(lowbit.matmul(np.asfortranarray(x), pw), y32)
 
 
-def test_bit_identical_across_threads_and_runs(rng):
+@pytest.mark.parametrize("m", [1, 3, 9], ids=["gemv1", "gemv3", "gemm9"])
+def test_bit_identical_across_threads_and_runs(rng, m):
     w = rng.standard_normal((300, 512)).astype(np.float32)
-    x = rng.standard_normal((9, 512)).astype(np.float32)
+    x = rng.standard_normal((m, 512)).astype(np.float32)
     pws = [lowbit.pack_weights(lowbit.quantize_array(w, bits=b, group_size=g)) for b, g in ((8, None), (4, 128))]
+    pws.append(lowbit.pack_weights(lowbit.quantize_array(w, bits=4, group_size=16, scale_dtype="int8"), "int8"))
     old = lowbit.get_num_threads()
     try:
         for pw in pws:
@@ -467,3 +469,18 @@ def test_bf16_gemv_leaves_asymmetric_weights_and_out_of_range_rows_to_the_decode
                           lowbit.quantize_array(w, bits=4, group_size=32).scales, None, 32, None,
                           bf16_split=_C.bf16_gemv_active())
     assert np.all(np.abs(on[2:] - r) <= bound)
+
+
+@pytest.mark.parametrize("bits,group,scale_dtype", [(4, 16, "int8"), (4, 64, "float32"), (8, None, "float32"),
+                                                    (8, 64, "float16")])
+def test_int_gemv_rows_equal_the_gemm_rows(dot_path, rng, bits, group, scale_dtype):
+    # The integer GEMV (1-3 rows: tiles in order, dot chains split inside a tile)
+    # and the GEMM (8-row blocks) sum the same integers exactly and apply the
+    # same per-group epilogue in the same order: the rows agree bit for bit.
+    w = rng.standard_normal((100, 576)).astype(np.float32)
+    x = rng.standard_normal((16, 576)).astype(np.float32)
+    pw = lowbit.pack_weights(lowbit.quantize_array(w, bits=bits, group_size=group, scale_dtype=scale_dtype),
+                             scale_dtype)
+    whole = lowbit.matmul(x, pw, act_bits=8)
+    for m in (1, 2, 3):
+        np.testing.assert_array_equal(lowbit.matmul(x[:m], pw, act_bits=8), whole[:m])

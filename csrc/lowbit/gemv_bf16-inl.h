@@ -47,12 +47,12 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cmath>
 #include <cstring>
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lowbit/formats.h"
+#include "lowbit/gemv_shuffle-inl.h"  // AbsInRange
 #include "lowbit/kernels.h"
 #include "lowbit/tile_scales-inl.h"
 
@@ -66,23 +66,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 // True if every x[i] is 0 or finite with 2^-60 <= |x[i]| <= 2^64: the range of
 // the split (see Accuracy above).
 HWY_INLINE bool FitsBf16SplitRange(const float* x, size_t k) {
-  constexpr float kMax = 18446744073709551616.0f, kMin = 8.67361737988403547e-19f;  // 2^64, 2^-60
-  const hn::ScalableTag<float> df;
-  const size_t n = hn::Lanes(df);
-  const auto vmax = hn::Set(df, kMax), vmin = hn::Set(df, kMin), zero = hn::Zero(df);
-  auto bad = hn::Lt(zero, zero);
-  size_t i = 0;
-  for (; i + n <= k; i += n) {
-    const auto a = hn::Abs(hn::LoadU(df, x + i));
-    const auto ok = hn::Or(hn::Eq(a, zero), hn::And(hn::Le(vmin, a), hn::Le(a, vmax)));  // NaN: false
-    bad = hn::Or(bad, hn::Not(ok));
-  }
-  if (!hn::AllFalse(df, bad)) return false;
-  for (; i < k; ++i) {
-    const float a = std::fabs(x[i]);
-    if (!(a == 0.0f || (a >= kMin && a <= kMax))) return false;
-  }
-  return true;
+  return AbsInRange(x, k, 8.67361737988403547e-19f, 18446744073709551616.0f);  // 2^-60, 2^64
 }
 
 // bfloat16 bits of a finite float, rounded to nearest even (no overflow for

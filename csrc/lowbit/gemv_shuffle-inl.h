@@ -48,19 +48,30 @@ namespace lowbit {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// True if every x[i] is finite with |x[i]| <= 2^64: the shuffle path's range.
-HWY_INLINE bool FitsShuffleRange(const float* x, size_t k) {
+// True if every x[i] is 0 or finite with min_nonzero <= |x[i]| <= max (NaN:
+// false): the range checks of the shuffle GEMV and of the bfloat16 GEMV
+// (gemv_bf16-inl.h).
+HWY_INLINE bool AbsInRange(const float* x, size_t k, float min_nonzero, float max) {
   const hn::ScalableTag<float> df;
   const size_t n = hn::Lanes(df);
-  const auto limit = hn::Set(df, 18446744073709551616.0f);  // 2^64
-  auto bad = hn::Lt(limit, limit);
+  const auto vmin = hn::Set(df, min_nonzero), vmax = hn::Set(df, max), zero = hn::Zero(df);
+  auto bad = hn::Lt(zero, zero);
   size_t i = 0;
-  for (; i + n <= k; i += n) bad = hn::Or(bad, hn::Not(hn::Le(hn::Abs(hn::LoadU(df, x + i)), limit)));
+  for (; i + n <= k; i += n) {
+    const auto a = hn::Abs(hn::LoadU(df, x + i));
+    bad = hn::Or(bad, hn::Not(hn::Or(hn::Eq(a, zero), hn::And(hn::Le(vmin, a), hn::Le(a, vmax)))));
+  }
   if (!hn::AllFalse(df, bad)) return false;
   for (; i < k; ++i) {
-    if (!(x[i] <= 18446744073709551616.0f && x[i] >= -18446744073709551616.0f)) return false;
+    const float a = x[i] < 0.0f ? -x[i] : x[i];
+    if (!(a == 0.0f || (a >= min_nonzero && a <= max))) return false;
   }
   return true;
+}
+
+// True if every x[i] is finite with |x[i]| <= 2^64: the shuffle path's range.
+HWY_INLINE bool FitsShuffleRange(const float* x, size_t k) {
+  return AbsInRange(x, k, 0.0f, 18446744073709551616.0f);  // 2^64
 }
 
 // Software prefetch distance per tile stream: 64 blocks = 4 KiB, one page (the

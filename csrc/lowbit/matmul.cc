@@ -179,6 +179,19 @@ struct DotVnni {
 
 // ---------------------------------------------------------------- int GEMM
 
+// The unsigned codes of vector v of a 64-byte block for the dot products: int8
+// bytes as stored; int4 low nibbles (k-step half 0) or high nibbles (half 1).
+template <int kBits>
+HWY_INLINE hn::Vec<DU8> BlockCodes(const uint8_t* blk, size_t v, size_t half) {
+  const DU8 du8;
+  auto b = hn::LoadU(du8, blk + v * kLanes * 4);
+  if (kBits == 4) {
+    if (half != 0) b = hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b)));
+    b = hn::And(b, hn::Set(du8, 0x0F));
+  }
+  return b;
+}
+
 // MR activation rows x NT tiles (NT * 16 output rows) over all of K.
 // Registers: MR * NT * kVecs int32 accumulators + as many float ones; AVX-512
 // with MR = 4, NT = 2: 8 + 8 of 32 zmm, and each weight vector loaded once
@@ -189,7 +202,6 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
                          size_t rows_left) {
   const DF df;
   const DI di;
-  const DU8 du8;
   constexpr size_t kStep = kBits == 4 ? 8 : 4;
   const size_t steps_per_group = w.group / kStep;
   const size_t tile_bytes = (kp / kStep) * kBlockBytes;
@@ -210,17 +222,8 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
       for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
         // int4: low nibbles hold k-step half 0, high nibbles half 1.
         hn::Vec<DU8> wv[NT * kVecs];
-        for (size_t t = 0; t < NT; ++t) {
-          for (size_t v = 0; v < kVecs; ++v) {
-            auto b = hn::LoadU(du8, blk[t] + v * kLanes * 4);
-            if (kBits == 4) {
-              b = half == 0 ? hn::And(b, hn::Set(du8, 0x0F))
-                            : hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b))),
-                                      hn::Set(du8, 0x0F));
-            }
-            wv[t * kVecs + v] = b;
-          }
-        }
+        for (size_t t = 0; t < NT; ++t)
+          for (size_t v = 0; v < kVecs; ++v) wv[t * kVecs + v] = BlockCodes<kBits>(blk[t], v, half);
         const size_t kx = s * kStep + half * 4;
         for (size_t r = 0; r < MR; ++r) {
           int32_t x4;
@@ -295,7 +298,6 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
                             size_t t, float* out) {
   const DF df;
   const DI di;
-  const DU8 du8;
   constexpr size_t kStep = kBits == 4 ? 8 : 4;
   const size_t steps_per_group = w.group / kStep;
   const uint8_t* tile = w.data + t * (w.kp / kStep) * kBlockBytes;
@@ -312,15 +314,7 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
         std::memcpy(&x4, xq + s * kStep + half * 4, 4);
         const auto xo = Dot::Prepare(x4);
         const size_t c = kBits == 4 ? half : (s & 1);
-        for (size_t v = 0; v < kVecs; ++v) {
-          auto b = hn::LoadU(du8, blk + v * kLanes * 4);
-          if (kBits == 4) {  // int4: low nibbles hold k-step half 0, high nibbles half 1
-            b = half == 0 ? hn::And(b, hn::Set(du8, 0x0F))
-                          : hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b))),
-                                    hn::Set(du8, 0x0F));
-          }
-          chain[c][v] = Dot::Dot(chain[c][v], b, xo);
-        }
+        for (size_t v = 0; v < kVecs; ++v) chain[c][v] = Dot::Dot(chain[c][v], BlockCodes<kBits>(blk, v, half), xo);
       }
     }
     for (size_t v = 0; v < kVecs; ++v) {
@@ -633,7 +627,7 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
     // activations split in two parts (gemv_bf16-inl.h), 1.3-1.6x the decode loop.
     bool bf16[4] = {false, false, false, false};
     std::vector<uint32_t> pairs;
-    const size_t row_pairs = w.kp / (kBits == 4 ? 8 : 4) * 8;
+    const size_t row_pairs = w.kp / KStep(kBits) * 8;
     if (w.offsets == nullptr && g_bf16_gemv_enabled.load(std::memory_order_relaxed)) {
       for (size_t r = 0; r < m; ++r) {
         bf16[r] = FitsBf16SplitRange(x + r * x_stride, w.k);
@@ -649,7 +643,6 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
         float* orow = out + r * out_stride;
 #if HWY_TARGET == HWY_AVX3
         if (bf16[r]) {
-          const uint32_t* xp = pairs.data() + r * row_pairs;
           for (size_t t = 0; t < nt; ++t) Bf16GemvTile<kBits>(pairs.data() + r * row_pairs, w, t0 + t, orow);
           continue;
         }

@@ -351,7 +351,7 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
 lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py::array& data,
                            const py::array& scales, const py::object& offsets_obj,
                            const py::object& row_scales_obj = py::none()) {
-  if (bits != 4 && bits != 8) Fail("bits must be 4 or 8 for matmul, got " + std::to_string(bits));
+  if (bits != 3 && bits != 4 && bits != 8) Fail("bits must be 3, 4 or 8 for matmul, got " + std::to_string(bits));
   if (n == 0 || k == 0) Fail("weights must not be empty");
   if (group == 0 || k % group != 0) Fail("group_size must divide K");
   lowbit::TiledWeights w;
@@ -365,7 +365,7 @@ lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py:
   if (w.group % step != 0)
     Fail("group_size must be a multiple of " + std::to_string(step) + " for " + std::to_string(bits) + "-bit matmul");
   w.tiles = (n + lowbit::kTileRows - 1) / lowbit::kTileRows;
-  CheckFlat(data, "data", Kind::kU8, w.tiles * (w.kp / step) * lowbit::kBlockBytes, false);
+  CheckFlat(data, "data", Kind::kU8, w.tiles * lowbit::TileBytes(bits, w.kp), false);
   // float32, float16 or int8-coded scales (formats.h "scale dtype");
   // finiteness is checked where they are made or loaded, not per call (a
   // non-finite scale gives non-finite outputs, never an out-of-bounds read).

@@ -72,7 +72,8 @@
 // ---------------------------------------------------------------------------
 // Matmul weight layout ("tiled", version 1): what lowbit.pack_weights builds,
 // what the matmul kernels stream and what storage writes (issue 6/6).
-//   Weights W [N, K], b in {4, 8} bits, groups of G along K (G = K per row).
+//   Weights W [N, K], b in {3, 4, 8} bits (int3: see "int3 tiles" below),
+//   groups of G along K (G = K per row).
 //   Stored codes are unsigned: u = q + 2^(b-1) for symmetric codes, u = q for
 //   asymmetric ones; the true integer is u - off with off = 2^(b-1) or zp.
 //   kt = 4 (int8) or 8 (int4) consecutive k form one k-step; K is padded with
@@ -107,6 +108,29 @@
 //   Integer accumulation: |u * x| <= 255 * 127 per product, so a group's
 //   int32 sum cannot overflow for G <= 65536 (the kernels reject larger).
 //
+// int3 tiles (b = 3, the same layout version 1): codes u in [0, 7] (symmetric:
+//   u = q + 4), kt = 8 as int4, K padded with u = off to Kp, a multiple of 8.
+//   A tile is a run of super-blocks of 4 k-steps (32 k, the last one padded past
+//   Kp with u = 0, never read); super-block S holds k-steps 4S..4S+3 in 192
+//   bytes (3 bits per weight, no padding) as three 64-byte planes. As in the
+//   other tiles, bytes 4i..4i+3 of a plane belong to row n = 16t + i, and byte
+//   4i + j covers k = 32S + 8s + j (low nibble of int4's byte) and
+//   k = 32S + 8s + 4 + j (high nibble) for the 4 k-steps s = 0..3:
+//     plane 0 (bytes 0..63), plane 1 (64..127): the low 2 bits of u for k-steps
+//       s = 2p, 2p + 1 of plane p: bits 2(s & 1)..+1 hold u[32S + 8s + j] & 3,
+//       bits 4 + 2(s & 1)..+1 hold u[32S + 8s + 4 + j] & 3;
+//     plane 2 (bytes 128..191): bit s holds u[32S + 8s + j] >> 2, bit s + 4
+//       holds u[32S + 8s + 4 + j] >> 2.
+//   So k-step s of a super-block becomes the int4 block above with 4 bit ops:
+//     int4 byte = ((plane[s / 2] >> 2(s & 1)) & 0x33) | (((plane2 >> s) << 2) & 0x44)
+//   (a shift of a 32-bit lane moves bits across bytes only where the masks
+//   drop them), and every kernel then runs its int4 code with offset 4.
+//   Example, one row, k = 0..7 holding u = 0..7: plane 0 byte 0 = 0 | 0 << 4 =
+//   0x00 ... byte j: u[j] & 3 | (u[4 + j] & 3) << 4; plane 2 byte j: bit 0 =
+//   u[j] >> 2 = 0, bit 4 = u[4 + j] >> 2 = 1, so 0x10.
+//   3 + (scale bits) / G bits per weight: int3 g16 with int8 scale codes takes
+//   3.5 + 32 / K (3.56 at K = 576).
+//
 // Activations (act_bits=8): per row (token), symmetric int8 in [-127, 127],
 //   scale = amax / 127 of the row's finite values, rows padded with zeros to Kp;
 //   per row and group the code sum sx (int32) is kept for the offset correction
@@ -130,7 +154,51 @@ enum class Fp8Kind : int { kE4M3 = 0, kE5M2 = 1 };
 
 constexpr size_t kTileRows = 16;   // rows per matmul weight tile
 constexpr size_t kBlockBytes = 64;  // bytes per k-step block of a tile
-inline size_t KStep(int bits) { return bits == 4 ? 8 : 4; }
+inline size_t KStep(int bits) { return bits == 8 ? 4 : 8; }  // int3 and int4: 8
+constexpr size_t kInt3SuperSteps = 4;     // k-steps per int3 super-block
+constexpr size_t kInt3SuperBytes = 192;   // 3 planes of 64 bytes
+
+// Bytes of one 16-row tile with kp (a multiple of the k-step) padded columns.
+inline size_t TileBytes(int bits, size_t kp) {
+  const size_t steps = kp / KStep(bits);
+  if (bits == 3) return (steps + kInt3SuperSteps - 1) / kInt3SuperSteps * kInt3SuperBytes;
+  return steps * kBlockBytes;
+}
+
+// Stored code u of column kk, row i (0..15) of a tile: the scalar statement of
+// the layouts above, used by the packer and the reference dequantizer.
+inline void SetTileCode(uint8_t* tile, int bits, size_t kk, size_t i, int u) {
+  const size_t step = KStep(bits), s = kk / step, j = kk % step;
+  if (bits == 8) {
+    tile[s * kBlockBytes + 4 * i + j] = static_cast<uint8_t>(u);
+  } else if (bits == 4) {
+    uint8_t& b = tile[s * kBlockBytes + 4 * i + (j % 4)];
+    const int shift = j < 4 ? 0 : 4;
+    b = static_cast<uint8_t>((b & ~(0x0F << shift)) | ((u & 0x0F) << shift));
+  } else {
+    uint8_t* sb = tile + (s / kInt3SuperSteps) * kInt3SuperBytes;
+    const size_t ss = s % kInt3SuperSteps, half = j / 4;
+    uint8_t& lo = sb[(ss / 2) * kBlockBytes + 4 * i + (j % 4)];
+    uint8_t& hi = sb[2 * kBlockBytes + 4 * i + (j % 4)];
+    const int lo_shift = int(2 * (ss & 1) + 4 * half), hi_shift = int(ss + 4 * half);
+    lo = static_cast<uint8_t>((lo & ~(3 << lo_shift)) | ((u & 3) << lo_shift));
+    hi = static_cast<uint8_t>((hi & ~(1 << hi_shift)) | (((u >> 2) & 1) << hi_shift));
+  }
+}
+
+inline int GetTileCode(const uint8_t* tile, int bits, size_t kk, size_t i) {
+  const size_t step = KStep(bits), s = kk / step, j = kk % step;
+  if (bits == 8) return tile[s * kBlockBytes + 4 * i + j];
+  if (bits == 4) {
+    const uint8_t b = tile[s * kBlockBytes + 4 * i + (j % 4)];
+    return j < 4 ? b & 0x0F : b >> 4;
+  }
+  const uint8_t* sb = tile + (s / kInt3SuperSteps) * kInt3SuperBytes;
+  const size_t ss = s % kInt3SuperSteps, half = j / 4;
+  const uint8_t lo = sb[(ss / 2) * kBlockBytes + 4 * i + (j % 4)];
+  const uint8_t hi = sb[2 * kBlockBytes + 4 * i + (j % 4)];
+  return ((lo >> (2 * (ss & 1) + 4 * half)) & 3) | (((hi >> (ss + 4 * half)) & 1) << 2);
+}
 
 inline size_t PackedRowBytes(size_t k, int bits) { return (k * size_t(bits) + 7) / 8; }
 

@@ -20,7 +20,8 @@
 //       int4 (a lane holds codes 0..7 of its row at bits 0-3: 0, 4-7: 4, 8-11:
 //       1, 12-15: 5, 16-19: 2, 20-23: 6, 24-27: 3, 28-31: 7): the shifts by
 //       0, 4, 8, 12 give the pairs (q0, q2), (q4, q6), (q1, q3), (q5, q7);
-//       table: u -> u - 8 (stored u = q + 8).
+//       table: u -> u - 8 (stored u = q + 8). int3 tiles read in int4 form
+//       (tile_codes-inl.h) with the table u -> u - 4.
 //       int8 (bytes 0..3 are codes 0..3, stored u = q + 128 = 16 h + l): the
 //       pairs are (l0, l2), (h0, h2), (l1, l3), (h1, h3), the low nibbles read
 //       l -> l and the high ones h -> h - 8 and meet 16 x (exact), so the two
@@ -54,6 +55,7 @@
 #include "lowbit/formats.h"
 #include "lowbit/gemv_shuffle-inl.h"  // AbsInRange
 #include "lowbit/kernels.h"
+#include "lowbit/tile_codes-inl.h"
 #include "lowbit/tile_scales-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -92,11 +94,11 @@ HWY_INLINE void SplitBf16(float a, uint32_t* hi, uint32_t* lo) {
 // Columns K..kp of x are zero (MatmulFloatAct's contract).
 template <int kBits>
 HWY_INLINE void PrepareBf16Pairs(const float* x, size_t kp, uint32_t* xp) {
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
   for (size_t s = 0; s < kp / kStep; ++s) {
     const float* v = x + s * kStep;
     float first[4], second[4];
-    if (kBits == 4) {
+    if (kBits != 8) {
       const float f[4] = {v[0], v[4], v[1], v[5]}, g[4] = {v[2], v[6], v[3], v[7]};
       std::memcpy(first, f, sizeof f);
       std::memcpy(second, g, sizeof g);
@@ -149,19 +151,19 @@ constexpr size_t kBf16PrefetchBlocks = 64;
 // 49152x576 13.5 -> 16.3 against the 4-tile version of this kernel.
 template <int kBits>
 HWY_INLINE void Bf16GemvTile(const uint32_t* xp, const TiledWeights& w, size_t t0, float* out) {
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
   const size_t steps_per_group = w.group / kStep;
-  const size_t tile_bytes = (w.kp / kStep) * kBlockBytes;
-  const __m512i tab_lo = NibbleTable(kBits == 4 ? -8 : 0);
-  const __m512i tab_hi = NibbleTable(-8);
+  const size_t tile_bytes = TileBytes(kBits, w.kp);
+  const __m512i tab_lo = NibbleTable(kBits == 4 ? -8 : kBits == 3 ? -4 : 0);
+  const __m512i tab_hi = NibbleTable(kBits == 3 ? -4 : -8);
   const uint8_t* tile = w.data + t0 * tile_bytes;
   __m512 oacc = _mm512_setzero_ps();
   for (size_t g = 0; g < w.ngroups; ++g) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const uint32_t* xs = xp + s * 8;
-      hwy::Prefetch(tile + (s + kBf16PrefetchBlocks) * kBlockBytes);
-      const __m512i lanes = _mm512_loadu_si512(tile + s * kBlockBytes);
+      hwy::Prefetch(tile + StreamOffset<kBits>(s + kBf16PrefetchBlocks));
+      const __m512i lanes = BlockLanes<kBits>(tile, s, 0).raw;
       const __m512i c0 = _mm512_permutexvar_epi16(lanes, tab_lo);
       const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 4), tab_hi);
       const __m512i c2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 8), tab_lo);

@@ -14,7 +14,10 @@
 //     lane with one XOR;
 //   * int4: (L << 4) & 0xF0F0F0F0 puts each byte's low nibble (codes j < 4) in
 //     its high half, L & 0xF0F0F0F0 keeps the high nibbles (codes j >= 4); int8:
-//     the bytes are the codes;
+//     the bytes are the codes; int3 (read in int4 form, tile_codes-inl.h, u =
+//     q + 4 <= 7): XOR 0x44 makes each nibble's 3 low bits q in 3-bit two's
+//     complement, (L << 5) & 0xE0E0E0E0 and (L << 1) & 0xE0E0E0E0 move them to
+//     the top 3 bits of the byte, and the lane holds q * 2^29;
 //   * a byte shuffle moves byte j of each 32-bit lane to its top byte and zeroes
 //     the rest, so the lane holds q * 2^28 (int4) or q * 2^24 (int8) as a signed
 //     int32, which converts to float exactly.
@@ -41,6 +44,7 @@
 #include "hwy/highway.h"
 #include "lowbit/formats.h"
 #include "lowbit/kernels.h"
+#include "lowbit/tile_codes-inl.h"
 #include "lowbit/tile_scales-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -91,10 +95,10 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
   constexpr size_t kLanes = HWY_LANES(int32_t);
   constexpr size_t kVecs = kTileRows / kLanes;
   constexpr size_t kV = NT * kVecs;
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
-  constexpr int kShift = kBits == 4 ? 28 : 24;  // where the code lands in the lane
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr int kShift = kBits == 4 ? 28 : kBits == 3 ? 29 : 24;  // where the code lands in the lane
   const size_t steps_per_group = w.group / kStep;
-  const size_t tile_bytes = (w.kp / kStep) * kBlockBytes;
+  const size_t tile_bytes = TileBytes(kBits, w.kp);
   // Shuffle controls: byte j of each 32-bit lane to byte 3; bytes 0..2 from
   // index 0x80 (zero). Indices are per 128-bit block (lane i of a block at 4i).
   hn::Vec<DU8> ctrl[4];
@@ -103,8 +107,8 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
     const auto idx = hn::Add(hn::ShiftLeft<2>(lane_in_block), hn::Set(di, j));
     ctrl[j] = hn::BitCast(du8, hn::Or(hn::ShiftLeft<24>(idx), hn::Set(di, 0x808080)));
   }
-  const auto flip = hn::Set(di, kBits == 4 ? int32_t(0x88888888u) : int32_t(0x80808080u));
-  const auto nibbles = hn::Set(di, int32_t(0xF0F0F0F0u));
+  const auto flip = hn::Set(di, int32_t(kBits == 4 ? 0x88888888u : kBits == 3 ? 0x44444444u : 0x80808080u));
+  const auto nibbles = hn::Set(di, int32_t(kBits == 3 ? 0xE0E0E0E0u : 0xF0F0F0F0u));
   const auto unscale = hn::Set(df, 1.0f / float(1u << kShift));  // power of two: exact
   const uint8_t* tile[NT];
   for (size_t t = 0; t < NT; ++t) tile[t] = w.data + (t0 + t) * tile_bytes;
@@ -116,13 +120,16 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
     for (size_t v = 0; v < kV; ++v) gacc[v] = hn::Zero(df);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const float* xs = x + s * kStep;
-      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(tile[t] + (s + kPrefetchBlocks) * kBlockBytes);
-      for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
+      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(tile[t] + StreamOffset<kBits>(s + kPrefetchBlocks));
+      for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         hn::Vec<DU8> codes[kV];
         for (size_t t = 0; t < NT; ++t) {
           for (size_t v = 0; v < kVecs; ++v) {
-            const auto lanes = hn::Xor(hn::LoadU(di, reinterpret_cast<const int32_t*>(tile[t] + s * kBlockBytes) + v * kLanes), flip);
-            const auto sel = kBits == 8 ? lanes : half == 0 ? hn::And(hn::ShiftLeft<4>(lanes), nibbles) : hn::And(lanes, nibbles);
+            const auto lanes = hn::Xor(BlockLanes<kBits>(tile[t], s, v), flip);
+            constexpr int kLow = kBits == 3 ? 5 : 4, kHigh = kBits == 3 ? 1 : 0;
+            const auto sel = kBits == 8    ? lanes
+                             : half == 0   ? hn::And(hn::ShiftLeft<kLow>(lanes), nibbles)
+                                           : hn::And(hn::ShiftLeft<kHigh>(lanes), nibbles);
             codes[t * kVecs + v] = hn::BitCast(du8, sel);
           }
         }

@@ -83,12 +83,12 @@ void FakeQuantBackward(const float* x, const float* dy, size_t outer, size_t cha
 
 // ---- matmul (formats.h "Matmul weight layout") ----
 struct TiledWeights {
-  int bits = 8;            // 4 or 8
+  int bits = 8;            // 3, 4 or 8
   size_t n = 0, k = 0;     // logical shape [N, K]
   size_t kp = 0;           // K padded to the k-step
   size_t group = 0;        // elements per group along K (== kp when one group per row)
   size_t ngroups = 0, tiles = 0;
-  const uint8_t* data = nullptr;    // tiles * (kp / kstep) * 64 bytes
+  const uint8_t* data = nullptr;    // tiles * TileBytes(bits, kp) bytes
   const float* scales = nullptr;    // [tiles, ngroups, 16] float32, or null when scales_f16 is set
   const uint16_t* scales_f16 = nullptr;  // the same as IEEE float16 bits (formats.h "scale dtype")
   const int8_t* scale_codes = nullptr;   // or as int8 codes c: scale = c * row_scales[row]

@@ -23,6 +23,7 @@
 #include "hwy/highway.h"
 #include "lowbit/float_formats-inl.h"
 #include "lowbit/tile_scales-inl.h"
+#include "lowbit/tile_codes-inl.h"
 #include "lowbit/gemv_shuffle-inl.h"
 #include "lowbit/gemv_bf16-inl.h"
 #include "lowbit/kernels.h"
@@ -179,13 +180,14 @@ struct DotVnni {
 
 // ---------------------------------------------------------------- int GEMM
 
-// The unsigned codes of vector v of a 64-byte block for the dot products: int8
-// bytes as stored; int4 low nibbles (k-step half 0) or high nibbles (half 1).
+// The unsigned codes of vector v of k-step s of a tile for the dot products:
+// int8 bytes as stored; int4 / int3 low nibbles (k-step half 0) or high
+// nibbles (half 1).
 template <int kBits>
-HWY_INLINE hn::Vec<DU8> BlockCodes(const uint8_t* blk, size_t v, size_t half) {
+HWY_INLINE hn::Vec<DU8> BlockCodes(const uint8_t* tile, size_t s, size_t v, size_t half) {
   const DU8 du8;
-  auto b = hn::LoadU(du8, blk + v * kLanes * 4);
-  if (kBits == 4) {
+  auto b = hn::BitCast(du8, BlockLanes<kBits>(tile, s, v));
+  if (kBits != 8) {
     if (half != 0) b = hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b)));
     b = hn::And(b, hn::Set(du8, 0x0F));
   }
@@ -202,9 +204,9 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
                          size_t rows_left) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
   const size_t steps_per_group = w.group / kStep;
-  const size_t tile_bytes = (kp / kStep) * kBlockBytes;
+  const size_t tile_bytes = TileBytes(kBits, kp);
   VF facc[MR][NT * kVecs];
   for (size_t r = 0; r < MR; ++r)
     for (size_t v = 0; v < NT * kVecs; ++v) facc[r][v] = hn::Zero(df);
@@ -214,16 +216,16 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t r = 0; r < MR; ++r)
       for (size_t v = 0; v < NT * kVecs; ++v) iacc[r][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-      const uint8_t* blk[NT];
-      for (size_t t = 0; t < NT; ++t) blk[t] = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
+      const uint8_t* tile[NT];
+      for (size_t t = 0; t < NT; ++t) tile[t] = w.data + (t0 + t) * tile_bytes;
       if (MR == 1) {  // GEMV streams weights once from DRAM; GEMM re-reads them from L2
-        for (size_t t = 0; t < NT; ++t) hwy::Prefetch(blk[t] + LOWBIT_PF_BLOCKS * kBlockBytes);
+        for (size_t t = 0; t < NT; ++t) hwy::Prefetch(tile[t] + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
       }
-      for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
-        // int4: low nibbles hold k-step half 0, high nibbles half 1.
+      for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
+        // int4 / int3: low nibbles hold k-step half 0, high nibbles half 1.
         hn::Vec<DU8> wv[NT * kVecs];
         for (size_t t = 0; t < NT; ++t)
-          for (size_t v = 0; v < kVecs; ++v) wv[t * kVecs + v] = BlockCodes<kBits>(blk[t], v, half);
+          for (size_t v = 0; v < kVecs; ++v) wv[t * kVecs + v] = BlockCodes<kBits>(tile[t], s, v, half);
         const size_t kx = s * kStep + half * 4;
         for (size_t r = 0; r < MR; ++r) {
           int32_t x4;
@@ -298,23 +300,22 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
                             size_t t, float* out) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
   const size_t steps_per_group = w.group / kStep;
-  const uint8_t* tile = w.data + t * (w.kp / kStep) * kBlockBytes;
+  const uint8_t* tile = w.data + t * TileBytes(kBits, w.kp);
   VF facc[kVecs];
   for (size_t v = 0; v < kVecs; ++v) facc[v] = hn::Zero(df);
   for (size_t g = 0; g < w.ngroups; ++g) {
     VI chain[2][kVecs];
     for (size_t v = 0; v < kVecs; ++v) chain[0][v] = chain[1][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-      const uint8_t* blk = tile + s * kBlockBytes;
-      hwy::Prefetch(blk + LOWBIT_PF_BLOCKS * kBlockBytes);
-      for (size_t half = 0; half < (kBits == 4 ? 2u : 1u); ++half) {
+      hwy::Prefetch(tile + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
+      for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         int32_t x4;
         std::memcpy(&x4, xq + s * kStep + half * 4, 4);
         const auto xo = Dot::Prepare(x4);
-        const size_t c = kBits == 4 ? half : (s & 1);
-        for (size_t v = 0; v < kVecs; ++v) chain[c][v] = Dot::Dot(chain[c][v], BlockCodes<kBits>(blk, v, half), xo);
+        const size_t c = kBits == 8 ? (s & 1) : half;
+        for (size_t v = 0; v < kVecs; ++v) chain[c][v] = Dot::Dot(chain[c][v], BlockCodes<kBits>(tile, s, v, half), xo);
       }
     }
     for (size_t v = 0; v < kVecs; ++v) {
@@ -378,13 +379,16 @@ void MatmulQuantActImpl(const int8_t* xq, const float* xscale, const int32_t* xs
 #if HWY_TARGET == HWY_AVX3
   if (g_vnni_enabled.load(std::memory_order_relaxed)) {
     if (w.bits == 4) return IntMatmul<DotVnni, 4>(xq, xscale, xsum, m, w, out, out_stride);
+    if (w.bits == 3) return IntMatmul<DotVnni, 3>(xq, xscale, xsum, m, w, out, out_stride);
     return IntMatmul<DotVnni, 8>(xq, xscale, xsum, m, w, out, out_stride);
   }
 #endif
 #ifdef LOWBIT_HAVE_MADDUBS
   if (w.bits == 4) return IntMatmul<DotMaddubs, 4>(xq, xscale, xsum, m, w, out, out_stride);
+  if (w.bits == 3) return IntMatmul<DotMaddubs, 3>(xq, xscale, xsum, m, w, out, out_stride);
 #endif
   if (w.bits == 4) return IntMatmul<DotPortable, 4>(xq, xscale, xsum, m, w, out, out_stride);
+  if (w.bits == 3) return IntMatmul<DotPortable, 3>(xq, xscale, xsum, m, w, out, out_stride);
   return IntMatmul<DotPortable, 8>(xq, xscale, xsum, m, w, out, out_stride);
 }
 
@@ -396,9 +400,10 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
                            float* out, size_t out_stride, size_t rows_left) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr int kCode = kLaneBits<kBits>;
   const size_t steps_per_group = w.group / kStep;
-  const size_t tile_bytes = (w.kp / kStep) * kBlockBytes;
+  const size_t tile_bytes = TileBytes(kBits, w.kp);
   VF oacc[MR][NT * kVecs];
   for (size_t r = 0; r < MR; ++r)
     for (size_t v = 0; v < NT * kVecs; ++v) oacc[r][v] = hn::Zero(df);
@@ -413,27 +418,31 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       VI lanes[NT * kVecs];
       for (size_t t = 0; t < NT; ++t) {
-        const uint8_t* blk = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
-        hwy::Prefetch(blk + 8 * kBlockBytes);
-        for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = hn::LoadU(di, reinterpret_cast<const int32_t*>(blk) + v * kLanes);
+        const uint8_t* tile = w.data + (t0 + t) * tile_bytes;
+        hwy::Prefetch(tile + StreamOffset<kBits>(s + 8));
+        for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = BlockLanes<kBits>(tile, s, v);
       }
       const size_t k0 = s * kStep;
-      // Code j of each lane: (lane >> (bits * j)) & mask; int4 j = 0..7 reads
-      // bytes j % 4 (low nibble for j < 4, high nibble after).
+      // Code j of each lane: (lane >> (bits * j)) & mask; int4 (and int3 in
+      // int4 form) j = 0..7 reads bytes j % 4 (low nibble for j < 4, high
+      // nibble after).
       // Unrolled, so every shift count is an immediate (GCC 12 kept the loop,
       // with the count in a register).
 #pragma GCC unroll 8
       for (size_t j = 0; j < kStep; ++j) {
-        const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
-        const int mask = (1 << kBits) - 1;
+        const int shift = kCode == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
+        const int mask = (1 << kCode) - 1;
         VF wj[NT * kVecs];
 #if HWY_TARGET == HWY_AVX3
-        if (kBits == 4 && w.offsets == nullptr) {
+        if (kCode == 4 && w.offsets == nullptr) {
           // Symmetric int4: vpermps looks the float value (u - 8) up by the low
           // 4 bits of each lane, so a code costs a shift and a permute instead of
-          // shift, and, subtract and convert (same values, bit for bit).
-          const __m512 lut = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f,
-                                            4.f, 5.f, 6.f, 7.f);
+          // shift, and, subtract and convert (same values, bit for bit). int3:
+          // u - 4 (entries 8..15 are never looked up).
+          const float base = kBits == 3 ? -4.f : -8.f;
+          const __m512 lut = _mm512_add_ps(_mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f,
+                                                          11.f, 12.f, 13.f, 14.f, 15.f),
+                                           _mm512_set1_ps(base));
           for (size_t v = 0; v < NT * kVecs; ++v)
             wj[v] = VF{_mm512_permutexvar_ps(hn::ShiftRightSame(lanes[v], shift).raw, lut)};
         } else
@@ -486,9 +495,10 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
                              float* buf) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 4 ? 8 : 4;
-  constexpr int kMask = (1 << kBits) - 1;
-  const size_t tile_bytes = (w.kp / kStep) * kBlockBytes;
+  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr int kCode = kLaneBits<kBits>;
+  constexpr int kMask = (1 << kCode) - 1;
+  const size_t tile_bytes = TileBytes(kBits, w.kp);
   for (size_t t = 0; t < 2; ++t) {
     if (t >= nt) {  // no second tile: zeros
       for (size_t k = 0; k < nk; ++k)
@@ -497,14 +507,14 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
     }
     for (size_t s = k0 / kStep; s < (k0 + nk) / kStep; ++s) {
       const size_t g = s * kStep / w.group;
-      const uint8_t* blk = w.data + (t0 + t) * tile_bytes + s * kBlockBytes;
+      const uint8_t* tile = w.data + (t0 + t) * tile_bytes;
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
         const auto scale = LoadScales(w, idx, (t0 + t) * kTileRows + v * kLanes);
         const auto off = LoadOffsets(w, idx);
-        const auto lanes = hn::LoadU(di, reinterpret_cast<const int32_t*>(blk) + v * kLanes);
+        const auto lanes = BlockLanes<kBits>(tile, s, v);
         for (size_t j = 0; j < kStep; ++j) {
-          const int shift = kBits == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
+          const int shift = kCode == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
           const auto u = hn::And(hn::ShiftRightSame(lanes, shift), hn::Set(di, kMask));
           const auto val = hn::Mul(hn::ConvertTo(df, hn::Sub(u, off)), scale);
           hn::Store(val, df, buf + (s * kStep + j - k0) * 32 + t * 16 + v * kLanes);
@@ -686,6 +696,7 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
 void MatmulFloatActImpl(const float* x, size_t m, size_t x_stride, const TiledWeights& w,
                         float* out, size_t out_stride) {
   if (w.bits == 4) return FloatMatmul<4>(x, m, x_stride, w, out, out_stride);
+  if (w.bits == 3) return FloatMatmul<3>(x, m, x_stride, w, out, out_stride);
   return FloatMatmul<8>(x, m, x_stride, w, out, out_stride);
 }
 
@@ -731,17 +742,19 @@ void SetVnniEnabled(bool enabled) { g_vnni_enabled = enabled && CpuHas(CpuFeatur
 void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetric, size_t group,
                const float* scales, const uint8_t* zps, uint8_t* data, float* tile_scales,
                int32_t* tile_offsets) {
-  if (bits != 4 && bits != 8) throw std::invalid_argument("matmul weights must be 4 or 8 bits");
+  if (bits != 3 && bits != 4 && bits != 8) throw std::invalid_argument("matmul weights must be 3, 4 or 8 bits");
   const size_t step = KStep(bits);
   const size_t kp = (k + step - 1) / step * step;
   const size_t ngroups = k / group;
   const size_t gp = ngroups == 1 ? kp : group;  // padded group length
   if (gp % step != 0) throw std::invalid_argument("group_size must be a multiple of the k-step");
   const size_t tiles = (n + kTileRows - 1) / kTileRows;
-  const size_t tile_bytes = kp / step * kBlockBytes;
+  const size_t tile_bytes = TileBytes(bits, kp);
   const int bias = symmetric ? 1 << (bits - 1) : 0;
   ParallelFor(tiles, 1, [&](size_t t0, size_t t1) {
     for (size_t t = t0; t < t1; ++t) {
+      // int3: the super-block past kp must read as zeros (formats.h).
+      if (bits == 3) std::memset(data + t * tile_bytes, 0, tile_bytes);
       for (size_t i = 0; i < kTileRows; ++i) {
         const size_t row = t * kTileRows + i;
         for (size_t g = 0; g < ngroups; ++g) {
@@ -758,15 +771,7 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
             const size_t g = std::min(kk / gp, ngroups - 1);
             u = tile_offsets ? tile_offsets[(t * ngroups + g) * kTileRows + i] : bias;
           }
-          const size_t kb = kk / step, j = kk % step;
-          uint8_t* byte = data + t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4);
-          if (bits == 8) {
-            *byte = static_cast<uint8_t>(u);
-          } else if (j < 4) {
-            *byte = static_cast<uint8_t>((*byte & 0xF0) | (u & 0x0F));
-          } else {
-            *byte = static_cast<uint8_t>((*byte & 0x0F) | ((u & 0x0F) << 4));
-          }
+          SetTileCode(data + t * tile_bytes, bits, kk, i, u);
         }
       }
     }
@@ -778,8 +783,7 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
 // dequantize_packed computes it, (u - offset) * scale in float32. Scalar: one
 // byte read per 1-2 outputs, so it runs at memory speed (~1 ms for 1536 x 576).
 void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
-  const size_t step = KStep(w.bits);
-  const size_t tile_bytes = w.kp / step * kBlockBytes;
+  const size_t tile_bytes = TileBytes(w.bits, w.kp);
   const int sym_offset = 1 << (w.bits - 1);
   ParallelFor(w.tiles, 1, [&](size_t t0, size_t t1) {
     for (size_t t = t0; t < t1; ++t) {
@@ -793,9 +797,7 @@ void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
           const float scale = w.scales       ? w.scales[idx]
                               : w.scales_f16 ? HalfToFloat(w.scales_f16[idx])
                                              : static_cast<float>(w.scale_codes[idx]) * w.row_scales[row];
-          const size_t kb = kk / step, j = kk % step;
-          const uint8_t byte = w.data[t * tile_bytes + kb * kBlockBytes + 4 * i + (j % 4)];
-          const int u = w.bits == 8 ? byte : (j < 4 ? byte & 0x0F : byte >> 4);
+          const int u = GetTileCode(w.data + t * tile_bytes, w.bits, kk, i);
           const int off = w.offsets ? w.offsets[idx] : sym_offset;
           dst[kk] = static_cast<float>(u - off) * scale;
         }

@@ -4,8 +4,8 @@
   * ``act_bits=None``: weight-only, float activations (codes decoded in registers);
   * ``act_bits=8``: activations quantized per row (token) to int8 on the fly, integer
     dot products (AVX-512 VNNI ``vpdpbusd`` where the CPU has it), W8A8 / W4A8.
-Weights are int8 or int4, per row or per group (``csrc/lowbit/formats.h`` documents
-the tiled layout; it is the same on every SIMD target).
+Weights are int8, int4 or int3, per row or per group (``csrc/lowbit/formats.h``
+documents the tiled layout; it is the same on every SIMD target).
 """
 from __future__ import annotations
 
@@ -21,14 +21,23 @@ from .arrays import F16, F32, I8, I32, SCALE_DTYPES, U8, QArray, _f16_scales, _f
 from .floats import decode_float
 
 TILE_ROWS = 16
-KSTEP = {8: 4, 4: 8}
+KSTEP = {8: 4, 4: 8, 3: 8}
+INT3_SUPER_STEPS, INT3_SUPER_BYTES = 4, 192  # formats.h "int3 tiles": 4 k-steps in 3 planes of 64 bytes
+
+
+def tile_bytes(bits: int, kp: int) -> int:
+    """Bytes of one 16-row tile over kp (padded) columns (formats.h TileBytes)."""
+    steps = kp // KSTEP[bits]
+    if bits == 3:
+        return -(-steps // INT3_SUPER_STEPS) * INT3_SUPER_BYTES
+    return steps * 64
 
 
 @dataclass(frozen=True, eq=False)
 class PackedWeights:
     """A QArray [N, K] rearranged for the matmul kernels (formats.h, "tiled" v1)."""
 
-    data: np.ndarray      # uint8 [tiles * Kp / kstep * 64]
+    data: np.ndarray      # uint8 [tiles * tile_bytes(bits, Kp)]
     scales: np.ndarray    # float32, float16 or int8 codes [tiles, ngroups, 16] (formats.h "scale dtype")
     offsets: Optional[np.ndarray]  # int32 [tiles, ngroups, 16]; None when symmetric
     shape: tuple          # (N, K)
@@ -45,7 +54,7 @@ class PackedWeights:
                 and shape[0] > 0 and shape[1] > 0):
             raise TypeError(f"PackedWeights.shape must be (N, K) with N, K > 0, got {shape!r}")
         if isinstance(self.bits, bool) or self.bits not in KSTEP:
-            raise ValueError(f"PackedWeights.bits must be 8 or 4, got {self.bits!r}")
+            raise ValueError(f"PackedWeights.bits must be 8, 4 or 3, got {self.bits!r}")
         if type(self.symmetric) is not bool and not isinstance(self.symmetric, np.bool_):
             raise TypeError(f"PackedWeights.symmetric must be a bool, got {self.symmetric!r}")
         n, k = shape
@@ -55,7 +64,7 @@ class PackedWeights:
             raise ValueError(f"PackedWeights.group_size must be None or a divisor of K={k} that is a "
                              f"multiple of {step}, got {g!r}")
         tiles = -(-n // TILE_ROWS)
-        _field(self.data, "data", U8, (tiles * (self.kp // step) * 64,))
+        _field(self.data, "data", U8, (tiles * tile_bytes(self.bits, self.kp),))
         groups = (tiles, 1 if g is None else k // g, TILE_ROWS)
         sdt = self.scales.dtype if isinstance(self.scales, np.ndarray) and self.scales.dtype in (F16, I8) else F32
         _field(self.scales, "scales", sdt, groups)
@@ -108,7 +117,7 @@ class PackedWeights:
         return f"PackedWeights(shape={self.shape}, int{self.bits}, {g}, {self.nbytes} bytes)"
 
 
-def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
+def pack_weights(q: QArray, scale_dtype: str = "float32", bits: Optional[int] = None) -> PackedWeights:
     """Rearrange a 2-D int8/int4 QArray [N, K] into the matmul kernels' tiled layout.
 
     scale_dtype: "float32" (default), "float16" (half the scale bytes: int4 g32
@@ -116,6 +125,9 @@ def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
     per row: int4 g16 takes 4.5 + 32 / K). Both round the scales; quantize with
     ``quantize_array(..., scale_dtype=...)`` so the codes were chosen under the
     rounded scales and nothing changes here.
+    bits: the tiles' code width, q.bits by default; 3 packs an int4 QArray whose
+    codes fit 3 bits (symmetric codes in [-4, 3], or codes and zero points in
+    [0, 7]: lowbit.quantize's 3-bit layers) into int3 tiles, 3 bits per weight.
 
     >>> import numpy as np, lowbit
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
@@ -127,12 +139,15 @@ def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
         raise TypeError(f"q must be a QArray, got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"matmul weights must be 2-D [N, K], got shape {q.shape}")
-    if q.bits not in KSTEP:
+    if q.bits not in (4, 8):
         raise ValueError(f"matmul supports bits=8 and bits=4 weights, got bits={q.bits}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+    tile_bits = q.bits if bits is None else bits
+    if isinstance(tile_bits, bool) or tile_bits not in (q.bits, 3) or (tile_bits == 3 and q.bits != 4):
+        raise ValueError(f"bits must be None, {q.bits} or (for int4 codes) 3, got {bits!r}")
     n, k = q.shape
-    step = KSTEP[q.bits]
+    step = KSTEP[tile_bits]
     group = None if q.group_size in (None, "tensor") or q.group_size == k else int(q.group_size)
     if group is not None and group % step:
         raise ValueError(f"group_size must be a multiple of {step} for {q.bits}-bit matmul, got {group}")
@@ -144,11 +159,18 @@ def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
         zps = None if zps is None else np.repeat(zps, n)
     kp = (k + step - 1) // step * step
     tiles = (n + TILE_ROWS - 1) // TILE_ROWS
-    data = np.empty(tiles * (kp // step) * 64, np.uint8)
+    data = np.empty(tiles * tile_bytes(tile_bits, kp), np.uint8)
     tscales = np.empty((tiles, ngroups, TILE_ROWS), np.float32)
     toffs = None if q.symmetric else np.empty((tiles, ngroups, TILE_ROWS), np.int32)
     codes = np.ascontiguousarray(q.codes())
-    _C.pack_tiled(codes.view(np.uint8), q.bits, q.symmetric, k if group is None else group,
+    if tile_bits == 3:
+        # Codes outside 3 bits would wrap in the planes: refuse them here.
+        lo, hi = (-4, 3) if q.symmetric else (0, 7)
+        if codes.size and (int(codes.min()) < lo or int(codes.max()) > hi or
+                           (zps is not None and int(zps.max()) > 7)):
+            raise ValueError(f"bits=3 needs codes in [{lo}, {hi}]" + ("" if q.symmetric else " and zero points <= 7")
+                             + f"; these span [{int(codes.min())}, {int(codes.max())}]")
+    _C.pack_tiled(codes.view(np.uint8), tile_bits, q.symmetric, k if group is None else group,
                   np.ascontiguousarray(scales, np.float32), zps, data, tscales.reshape(-1),
                   None if toffs is None else toffs.reshape(-1))
     row_scales = None
@@ -161,7 +183,7 @@ def pack_weights(q: QArray, scale_dtype: str = "float32") -> PackedWeights:
         tscales = np.ascontiguousarray(padded.reshape(tiles, TILE_ROWS, ngroups).transpose(0, 2, 1))
         row_scales = np.zeros(tiles * TILE_ROWS, np.float32)
         row_scales[:n] = d
-    return PackedWeights(data, tscales, toffs, (n, k), q.bits, group, q.symmetric, row_scales)
+    return PackedWeights(data, tscales, toffs, (n, k), tile_bits, group, q.symmetric, row_scales)
 
 
 def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,

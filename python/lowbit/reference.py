@@ -470,15 +470,26 @@ def gptq_columns(wt, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err) 
 def dequantize_tiled(w) -> np.ndarray:
     """The float32 weights [N, K] of tiled weights ``w`` (a lowbit.PackedWeights):
     the spec of _C.dequantize_tiled (matmul.dequantize_packed)."""
-    TILE_ROWS, KSTEP = 16, {8: 4, 4: 8}
+    TILE_ROWS, KSTEP = 16, {8: 4, 4: 8, 3: 8}
     n, k = w.shape
     step = KSTEP[w.bits]
     kp = (k + step - 1) // step * step
     tiles = w.scales.shape[0]
-    b = w.data.reshape(tiles, kp // step, TILE_ROWS, 4)
-    if w.bits == 8:
+    if w.bits == 3:  # super-blocks of 4 k-steps: planes [low bits s = 0, 1], [s = 2, 3], [bit 2]
+        supers = -(-(kp // step) // 4)
+        sb = w.data.reshape(tiles, supers, 3, TILE_ROWS, 4)
+        u = np.empty((tiles, supers, 4, TILE_ROWS, 2, 4), np.uint8)  # [t, S, s, i, half, j]
+        for s in range(4):
+            for half in range(2):
+                low = (sb[:, :, s // 2] >> (2 * (s & 1) + 4 * half)) & 3
+                high = (sb[:, :, 2] >> (s + 4 * half)) & 1
+                u[:, :, s, :, half] = low | (high << 2)
+        u = u.transpose(0, 3, 1, 2, 4, 5).reshape(tiles * TILE_ROWS, supers * 32)[:, :kp]
+    elif w.bits == 8:
+        b = w.data.reshape(tiles, kp // step, TILE_ROWS, 4)
         u = b.transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
     else:
+        b = w.data.reshape(tiles, kp // step, TILE_ROWS, 4)
         halves = np.stack([b & 0x0F, b >> 4], axis=3)            # [t, kb, i, half, j]
         u = halves.reshape(tiles, kp // step, TILE_ROWS, 8).transpose(0, 2, 1, 3).reshape(tiles * TILE_ROWS, kp)
     ngroups = w.scales.shape[1]

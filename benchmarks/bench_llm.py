@@ -16,6 +16,7 @@ has random weights (speed only: its perplexity means nothing).
 
     python benchmarks/bench_llm.py            # everything, writes llm_results.json + README section + plot
     python benchmarks/bench_llm.py --quick    # SmolLM2 only, 2 threads
+    python benchmarks/bench_llm.py --int3     # the 3.5 b/w class beside llama.cpp Q3_K_M (llm_int3_results.json)
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ VARIANTS = {  # name -> (float dtype, lowbit.quantize kwargs or None)
     # The same quantized models decoded by lowbit.NativeDecoder (one C++ call per token).
     "lowbit int4 native": ("float32", dict(bits=4)),
     "lowbit W4A8 native": ("float32", dict(bits=4, activations=8)),
+    # The 3.5 bits/weight class (--int3): int3 tiles at the default g16 with int8
+    # scale codes (3.5 + 32 / K b/w), and the data-free budget over int3 / int4 / int8.
+    "lowbit int3 native": ("float32", dict(bits=3)),
+    "lowbit bits=3.6 native": ("float32", dict(bits=3.6)),
 }
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 PPL_WINDOWS = 32
@@ -187,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--native", action="store_true",
                     help="only the NativeDecoder rows and llama.cpp Q4_0 / Q4_K_M speed, both models, 1 and 2 "
                          "threads; prints a markdown table (writes llm_native_results.json)")
+    ap.add_argument("--int3", action="store_true",
+                    help="the 3.5 bits/weight class: lowbit int3 (native decoder) beside llama.cpp Q3_K_M and Q4_0, "
+                         "both models, 1 and 2 threads, SmolLM2 perplexity; writes llm_int3_results.json")
     ap.add_argument("--out", default=str(HERE / "llm_results.json"))
     args = ap.parse_args(argv)
     if args.worker:
@@ -194,6 +202,8 @@ def main(argv=None) -> int:
         return 0
     if args.native:
         return native_table(args)
+    if args.int3:
+        return int3_table(args)
     import lowbit
     from lowbit.eval.material import EVALUATION_NOVEL, austen, cache_dir
     models = ["smollm2"] if args.quick else ["smollm2", "llama1b"]
@@ -267,6 +277,51 @@ def native_table(args) -> int:
             for v, vals in med.items():
                 pp, tg = statistics.median(p for p, _ in vals), statistics.median(t for _, t in vals)
                 print(f"| {m} | {th} | {v} | {pp:.1f} | {tg:.1f} | {tg / q4:.2f}x |")
+    return 0
+
+
+def int3_table(args) -> int:
+    """lowbit's int3 tiles against llama.cpp's 3-bit K-quant and Q4_0 on the same
+    models: file size, SmolLM2 perplexity (32 windows of Emma), pp512 / tg128."""
+    import lowbit
+    import llamacpp
+    from lowbit.eval.material import EVALUATION_NOVEL, austen, cache_dir
+    text = cache_dir() / "emma.txt"
+    text.write_text(austen(EVALUATION_NOVEL))
+    rows = []
+    for m in ("smollm2", "llama1b"):
+        ggufs = llamacpp.convert(model_dir(m), m, ("Q4_0", "Q3_K_M"))
+        variants = ["lowbit int3 native", "lowbit int4 native"] + (["lowbit bits=3.6 native"] if m == "smollm2" else [])
+        for th in (1, 2):
+            for v in variants:
+                r = run_worker(dict(model=m, variant=v, threads=th, reps=2 if m == "smollm2" else 1,
+                                    ppl=m == "smollm2" and th == 2))
+                rows.append(r)
+                print(f"{m:8s} {v:22s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}"
+                      + (f"  ppl {r['ppl']:.3f}" if r.get("ppl") else ""), flush=True)
+            for t in ("Q3_K_M", "Q4_0"):
+                r = dict(model=m, variant=f"llama.cpp {t}", threads=th, file_bytes=ggufs[t].stat().st_size,
+                         **llamacpp.bench(ggufs[t], th, reps=2))
+                if m == "smollm2" and th == 2:
+                    r["ppl"] = llamacpp.perplexity(ggufs[t], text, th, PPL_WINDOWS)
+                rows.append(r)
+                print(f"{m:8s} {r['variant']:22s} {th}t  pp {r['pp']:7.1f}  tg {r['tg']:6.1f}"
+                      + (f"  ppl {r['ppl']:.3f}" if r.get("ppl") else ""), flush=True)
+    out = HERE / "llm_int3_results.json"
+    out.write_text(json.dumps(dict(machine=lowbit.cpu_target(), date=time.strftime("%Y-%m-%d"), rows=rows), indent=1))
+    print("\n| model | variant | file MiB | perplexity | pp512 1t / 2t | tg128 1t / 2t | tg vs Q3_K_M 1t / 2t |\n"
+          "|---|---|---|---|---|---|---|")
+    for m in ("smollm2", "llama1b"):
+        by = {}
+        for r in rows:
+            if r["model"] == m:
+                by.setdefault(r["variant"], {})[r["threads"]] = r
+        k3 = by["llama.cpp Q3_K_M"]
+        for v, rs in by.items():
+            ppl = next((f"{r['ppl']:.3f}" for r in rs.values() if r.get("ppl")), "-")
+            print(f"| {m} | {v} | {rs[2]['file_bytes'] / 2**20:.1f} | {ppl} | {rs[1]['pp']:.1f} / {rs[2]['pp']:.1f} "
+                  f"| {rs[1]['tg']:.1f} / {rs[2]['tg']:.1f} | {rs[1]['tg'] / k3[1]['tg']:.2f}x / "
+                  f"{rs[2]['tg'] / k3[2]['tg']:.2f}x |")
     return 0
 
 

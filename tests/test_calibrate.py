@@ -231,7 +231,11 @@ def test_mixed_precision_respects_the_budget_and_helps():
     low = lowbit.quantize(copy.deepcopy(m), bits=3.5, calibration_data=data, group_size=32, progress=False,
                           include=lambda n, mod: True)
     plan = {mod.config.bits for mod in low.modules() if isinstance(mod, QuantLinear)}
-    assert lowbit.summary(low)["bits_per_weight"] <= 3.5 and 2 in plan     # int2 rows used to meet it
+    assert lowbit.summary(low)["bits_per_weight"] <= 3.5 and plan == {3}    # int3 tiles meet it, no int2
+    lower = lowbit.quantize(copy.deepcopy(m), bits=3.2, calibration_data=data, group_size=32, progress=False,
+                            include=lambda n, mod: True)
+    plan = {mod.config.bits for mod in lower.modules() if isinstance(mod, QuantLinear)}
+    assert lowbit.summary(lower)["bits_per_weight"] <= 3.2 and 2 in plan     # int2 rows used to meet it
     explicit = lowbit.quantize(copy.deepcopy(m), bits={"0": 8, "default": 4}, group_size=32, progress=False,
                                include=lambda n, mod: True)
     assert explicit[0].config.bits == 8 and explicit[2].config.bits == 4

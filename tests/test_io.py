@@ -27,7 +27,8 @@ def float_model(dtype=torch.float32):
 
 
 CONFIGS = [QuantConfig(4, 128), QuantConfig(4, None), QuantConfig(8, None, act_bits=8),
-           QuantConfig(4, 64, symmetric=False, act_bits=8), QuantConfig(8, 32, symmetric=False)]
+           QuantConfig(4, 64, symmetric=False, act_bits=8), QuantConfig(8, 32, symmetric=False),
+           QuantConfig(3, 32), QuantConfig(3, None, symmetric=False, act_bits=8)]
 
 
 def quantized(config, dtype=torch.float32):

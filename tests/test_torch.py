@@ -1,5 +1,6 @@
 """The PyTorch layer: ops (opcheck on every op), QuantLinear, lowbit.quantize,
 torch.compile / torch.export, thread safety, gradients."""
+import copy
 import threading
 
 import numpy as np
@@ -225,3 +226,35 @@ def test_quant_embedding():
     assert type(m[0]) is torch.nn.Embedding
     with pytest.raises(ValueError, match="embeddings"):
         lowbit.quantize(torch.nn.Sequential(torch.nn.Embedding(300, 96)), embeddings=3, progress=False)
+
+
+def test_int3_layers_hold_3_bits_and_compute_as_int4_tiles_of_the_same_codes(tmp_path):
+    # lowbit.quantize(bits=3) stores int3 tiles (formats.h): the same codes in
+    # int4 tiles (QuantConfig(4, code_bits=3), the layout files before int3 hold)
+    # give the same outputs bit for bit, at 4/3 of the bytes; both save and load.
+    from lowbit.calibrate.weights import mse
+    from lowbit.config import QuantConfig
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    q3 = lowbit.quantize(copy.deepcopy(model), bits=3, include=lambda n, m: True, progress=False)
+    layer = q3[0]
+    assert layer.config.bits == 3 and layer.data.numel() * 8 == 3 * 576 * 256
+    summary = lowbit.summary(q3)
+    assert summary["bits_per_weight"] < 3.6
+    q = mse(model[0].weight.detach(), 3, 16, True, scale_dtype="int8")
+    as_int4 = QuantLinear.from_quantized(q, model[0].bias, QuantConfig(4, 16, True, code_bits=3, scale_dtype="int8"))
+    as_int3 = QuantLinear.from_quantized(q, model[0].bias, QuantConfig(3, 16, True, scale_dtype="int8"))
+    assert torch.equal(as_int3.data, layer.data) and torch.equal(as_int3.scales, layer.scales)
+    for rows in (1, 3, 8, 33):
+        x = torch.randn(rows, 576)
+        with torch.no_grad():
+            assert torch.equal(as_int3(x), as_int4(x))
+    assert torch.equal(as_int3.dequantized_weight(), as_int4.dequantized_weight())
+    for name, mod in (("int3", as_int3), ("int4", as_int4)):
+        path = tmp_path / f"{name}.safetensors"
+        lowbit.save(torch.nn.Sequential(mod), path)
+        back = lowbit.load(path, torch.nn.Sequential(torch.nn.Linear(576, 256)))
+        assert back[0].config == mod.config
+        x = torch.randn(2, 576)
+        with torch.no_grad():
+            assert torch.equal(back[0](x), mod(x))

@@ -157,13 +157,14 @@ HWY_INLINE void Bf16GemvTile(const uint32_t* xp, const TiledWeights& w, size_t t
   const __m512i tab_lo = NibbleTable(kBits == 4 ? -8 : kBits == 3 ? -4 : 0);
   const __m512i tab_hi = NibbleTable(kBits == 3 ? -4 : -8);
   const uint8_t* tile = w.data + t0 * tile_bytes;
+  TileReader<kBits> reader(tile);
   __m512 oacc = _mm512_setzero_ps();
   for (size_t g = 0; g < w.ngroups; ++g) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const uint32_t* xs = xp + s * 8;
       hwy::Prefetch(tile + StreamOffset<kBits>(s + kBf16PrefetchBlocks));
-      const __m512i lanes = BlockLanes<kBits>(tile, s, 0).raw;
+      const __m512i lanes = reader.Lanes(s, 0).raw;
       const __m512i c0 = _mm512_permutexvar_epi16(lanes, tab_lo);
       const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 4), tab_hi);
       const __m512i c2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(lanes, 8), tab_lo);

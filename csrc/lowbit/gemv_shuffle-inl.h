@@ -110,8 +110,8 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
   const auto flip = hn::Set(di, int32_t(kBits == 4 ? 0x88888888u : kBits == 3 ? 0x44444444u : 0x80808080u));
   const auto nibbles = hn::Set(di, int32_t(kBits == 3 ? 0xE0E0E0E0u : 0xF0F0F0F0u));
   const auto unscale = hn::Set(df, 1.0f / float(1u << kShift));  // power of two: exact
-  const uint8_t* tile[NT];
-  for (size_t t = 0; t < NT; ++t) tile[t] = w.data + (t0 + t) * tile_bytes;
+  TileReader<kBits> tile[NT];
+  for (size_t t = 0; t < NT; ++t) tile[t] = TileReader<kBits>(w.data + (t0 + t) * tile_bytes);
 
   hn::Vec<DF> oacc[kV];
   for (size_t v = 0; v < kV; ++v) oacc[v] = hn::Zero(df);
@@ -120,12 +120,12 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
     for (size_t v = 0; v < kV; ++v) gacc[v] = hn::Zero(df);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const float* xs = x + s * kStep;
-      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(tile[t] + StreamOffset<kBits>(s + kPrefetchBlocks));
+      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + kPrefetchBlocks));
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         hn::Vec<DU8> codes[kV];
         for (size_t t = 0; t < NT; ++t) {
           for (size_t v = 0; v < kVecs; ++v) {
-            const auto lanes = hn::Xor(BlockLanes<kBits>(tile[t], s, v), flip);
+            const auto lanes = hn::Xor(tile[t].Lanes(s, v), flip);
             constexpr int kLow = kBits == 3 ? 5 : 4, kHigh = kBits == 3 ? 1 : 0;
             const auto sel = kBits == 8    ? lanes
                              : half == 0   ? hn::And(hn::ShiftLeft<kLow>(lanes), nibbles)

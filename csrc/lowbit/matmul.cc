@@ -184,9 +184,9 @@ struct DotVnni {
 // int8 bytes as stored; int4 / int3 low nibbles (k-step half 0) or high
 // nibbles (half 1).
 template <int kBits>
-HWY_INLINE hn::Vec<DU8> BlockCodes(const uint8_t* tile, size_t s, size_t v, size_t half) {
+HWY_INLINE hn::Vec<DU8> BlockCodes(TileReader<kBits>& tile, size_t s, size_t v, size_t half) {
   const DU8 du8;
-  auto b = hn::BitCast(du8, BlockLanes<kBits>(tile, s, v));
+  auto b = hn::BitCast(du8, tile.Lanes(s, v));
   if (kBits != 8) {
     if (half != 0) b = hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b)));
     b = hn::And(b, hn::Set(du8, 0x0F));
@@ -210,16 +210,17 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
   VF facc[MR][NT * kVecs];
   for (size_t r = 0; r < MR; ++r)
     for (size_t v = 0; v < NT * kVecs; ++v) facc[r][v] = hn::Zero(df);
+  TileReader<kBits> tile[NT];
+  for (size_t t = 0; t < NT; ++t) tile[t] = TileReader<kBits>(w.data + (t0 + t) * tile_bytes);
 
   for (size_t g = 0; g < w.ngroups; ++g) {
     VI iacc[MR][NT * kVecs];
     for (size_t r = 0; r < MR; ++r)
       for (size_t v = 0; v < NT * kVecs; ++v) iacc[r][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-      const uint8_t* tile[NT];
-      for (size_t t = 0; t < NT; ++t) tile[t] = w.data + (t0 + t) * tile_bytes;
       if (MR == 1) {  // GEMV streams weights once from DRAM; GEMM re-reads them from L2
-        for (size_t t = 0; t < NT; ++t) hwy::Prefetch(tile[t] + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
+        for (size_t t = 0; t < NT; ++t)
+          hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
       }
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         // int4 / int3: low nibbles hold k-step half 0, high nibbles half 1.
@@ -302,14 +303,15 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
   const DI di;
   constexpr size_t kStep = kBits == 8 ? 4 : 8;
   const size_t steps_per_group = w.group / kStep;
-  const uint8_t* tile = w.data + t * TileBytes(kBits, w.kp);
+  const uint8_t* data = w.data + t * TileBytes(kBits, w.kp);
+  TileReader<kBits> tile(data);
   VF facc[kVecs];
   for (size_t v = 0; v < kVecs; ++v) facc[v] = hn::Zero(df);
   for (size_t g = 0; g < w.ngroups; ++g) {
     VI chain[2][kVecs];
     for (size_t v = 0; v < kVecs; ++v) chain[0][v] = chain[1][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-      hwy::Prefetch(tile + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
+      hwy::Prefetch(data + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         int32_t x4;
         std::memcpy(&x4, xq + s * kStep + half * 4, 4);
@@ -407,6 +409,8 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
   VF oacc[MR][NT * kVecs];
   for (size_t r = 0; r < MR; ++r)
     for (size_t v = 0; v < NT * kVecs; ++v) oacc[r][v] = hn::Zero(df);
+  TileReader<kBits> tile[NT];
+  for (size_t t = 0; t < NT; ++t) tile[t] = TileReader<kBits>(w.data + (t0 + t) * tile_bytes);
   for (size_t g = 0; g < w.ngroups; ++g) {
     VF gacc[MR][NT * kVecs];
     VI off[NT * kVecs];
@@ -418,9 +422,8 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       VI lanes[NT * kVecs];
       for (size_t t = 0; t < NT; ++t) {
-        const uint8_t* tile = w.data + (t0 + t) * tile_bytes;
-        hwy::Prefetch(tile + StreamOffset<kBits>(s + 8));
-        for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = BlockLanes<kBits>(tile, s, v);
+        hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + 8));
+        for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = tile[t].Lanes(s, v);
       }
       const size_t k0 = s * kStep;
       // Code j of each lane: (lane >> (bits * j)) & mask; int4 (and int3 in
@@ -505,14 +508,14 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
         for (size_t v = 0; v < kVecs; ++v) hn::Store(hn::Zero(df), df, buf + k * 32 + 16 + v * kLanes);
       continue;
     }
+    TileReader<kBits> tile(w.data + (t0 + t) * tile_bytes);
     for (size_t s = k0 / kStep; s < (k0 + nk) / kStep; ++s) {
       const size_t g = s * kStep / w.group;
-      const uint8_t* tile = w.data + (t0 + t) * tile_bytes;
       for (size_t v = 0; v < kVecs; ++v) {
         const size_t idx = ((t0 + t) * w.ngroups + g) * kTileRows + v * kLanes;
         const auto scale = LoadScales(w, idx, (t0 + t) * kTileRows + v * kLanes);
         const auto off = LoadOffsets(w, idx);
-        const auto lanes = BlockLanes<kBits>(tile, s, v);
+        const auto lanes = tile.Lanes(s, v);
         for (size_t j = 0; j < kStep; ++j) {
           const int shift = kCode == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
           const auto u = hn::And(hn::ShiftRightSame(lanes, shift), hn::Set(di, kMask));

@@ -3,11 +3,6 @@
 // tiles and as stored for int8: every matmul kernel reads its codes through
 // here, so the int3 planes cost one decode and the kernels' int4 code serves
 // both. Per-target include, as Highway's *-inl.h headers.
-//
-// The int3 decode is 2 loads, 2 shifts by a run-time count, 1 immediate shift,
-// 2 ANDs and an OR per vector: ~6 ops per 128 weights (AVX-512), next to the 2
-// nibble selects and 2 dot products (vpdpbusd) or 4 permutes and 8 vdpbf16ps
-// the kernels spend on them, for 2/3 of int4's bytes.
 
 #if defined(LOWBIT_TILE_CODES_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LOWBIT_TILE_CODES_INL_H_
@@ -27,7 +22,7 @@ namespace lowbit {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Code width of a tile's lanes after BlockLanes: int3 reads as int4.
+// Code width of a tile's lanes as TileReader returns them: int3 reads as int4.
 template <int kBits>
 constexpr int kLaneBits = kBits == 8 ? 8 : 4;
 
@@ -38,26 +33,60 @@ constexpr size_t StreamOffset(size_t s) {
   return kBits == 3 ? s * (kInt3SuperBytes / kInt3SuperSteps) : s * kBlockBytes;
 }
 
-// Vector v (of 16 / lanes) of k-step s of the tile starting at `tile`.
+// Reads the code vectors of one tile, k-step by k-step: Lanes(s, v) is vector v
+// (of 16 / lanes) of k-step s. int8 / int4 tiles load it as stored; int3 tiles
+// decode a whole super-block (4 k-steps) into the int4 form the first time one
+// of its k-steps is asked for, with every shift an immediate: 5 shifts, 4 ANDs
+// and 4 OR-ANDs (vpternlogd on AVX-512) per 4 k-steps. Decoding one k-step at a
+// time needed 2 shifts by a run-time count each (int3 g16 weight-only GEMV
+// 8192x2048 from DRAM, 1 Zen 4 core: 26.5 G weights/s against int4's 33.6).
+// Kernels walk k-steps in order, so each super-block is decoded once.
 template <int kBits>
-HWY_INLINE hn::Vec<hn::ScalableTag<int32_t>> BlockLanes(const uint8_t* tile, size_t s, size_t v) {
-  const hn::ScalableTag<int32_t> di;
-  constexpr size_t kLanes = HWY_LANES(int32_t);
-  if constexpr (kBits != 3) {
-    return hn::LoadU(di, reinterpret_cast<const int32_t*>(tile + s * kBlockBytes) + v * kLanes);
-  } else {
-    // Unsigned lanes: logical shifts (the masks would hide the sign bits of
-    // an arithmetic shift too, but this states it).
-    const hn::ScalableTag<uint32_t> du;
-    const uint8_t* sb = tile + (s / kInt3SuperSteps) * kInt3SuperBytes;
-    const size_t ss = s % kInt3SuperSteps;
-    const auto low = hn::LoadU(du, reinterpret_cast<const uint32_t*>(sb + (ss / 2) * kBlockBytes) + v * kLanes);
-    const auto high = hn::LoadU(du, reinterpret_cast<const uint32_t*>(sb + 2 * kBlockBytes) + v * kLanes);
-    const auto low_bits = hn::And(hn::ShiftRightSame(low, int(2 * (ss & 1))), hn::Set(du, 0x33333333u));
-    const auto high_bits = hn::And(hn::ShiftLeft<2>(hn::ShiftRightSame(high, int(ss))), hn::Set(du, 0x44444444u));
-    return hn::BitCast(di, hn::Or(low_bits, high_bits));
+class TileReader {
+ public:
+  using DI = hn::ScalableTag<int32_t>;
+  using VI = hn::Vec<DI>;
+  static constexpr size_t kLanes = HWY_LANES(int32_t);
+  static constexpr size_t kVecs = kTileRows / kLanes;
+
+  TileReader() = default;
+  explicit TileReader(const uint8_t* tile) : tile_(tile) {}
+
+  HWY_INLINE VI Lanes(size_t s, size_t v) {
+    if constexpr (kBits != 3) {
+      return hn::LoadU(DI(), reinterpret_cast<const int32_t*>(tile_ + s * kBlockBytes) + v * kLanes);
+    } else {
+      if (s / kInt3SuperSteps != super_) Decode(s / kInt3SuperSteps);
+      return cache_[(s % kInt3SuperSteps) * kVecs + v];
+    }
   }
-}
+
+ private:
+  // k-step ss of the super-block: ((plane[ss / 2] >> 2(ss & 1)) & 0x33) |
+  // (((plane2 >> ss) << 2) & 0x44) (formats.h), the high plane's net shift
+  // being <<2, <<1, 0, >>1 for ss = 0..3. Unsigned lanes: logical shifts.
+  HWY_INLINE void Decode(size_t super) {
+    const hn::ScalableTag<uint32_t> du;
+    const uint8_t* sb = tile_ + super * kInt3SuperBytes;
+    const auto low_mask = hn::Set(du, 0x33333333u), high_mask = hn::Set(du, 0x44444444u);
+    for (size_t v = 0; v < kVecs; ++v) {
+      const auto p0 = hn::LoadU(du, reinterpret_cast<const uint32_t*>(sb) + v * kLanes);
+      const auto p1 = hn::LoadU(du, reinterpret_cast<const uint32_t*>(sb + kBlockBytes) + v * kLanes);
+      const auto h = hn::LoadU(du, reinterpret_cast<const uint32_t*>(sb + 2 * kBlockBytes) + v * kLanes);
+      cache_[0 * kVecs + v] = hn::BitCast(DI(), hn::OrAnd(hn::And(p0, low_mask), hn::ShiftLeft<2>(h), high_mask));
+      cache_[1 * kVecs + v] =
+          hn::BitCast(DI(), hn::OrAnd(hn::And(hn::ShiftRight<2>(p0), low_mask), hn::ShiftLeft<1>(h), high_mask));
+      cache_[2 * kVecs + v] = hn::BitCast(DI(), hn::OrAnd(hn::And(p1, low_mask), h, high_mask));
+      cache_[3 * kVecs + v] =
+          hn::BitCast(DI(), hn::OrAnd(hn::And(hn::ShiftRight<2>(p1), low_mask), hn::ShiftRight<1>(h), high_mask));
+    }
+    super_ = super;
+  }
+
+  const uint8_t* tile_ = nullptr;
+  size_t super_ = ~size_t(0);
+  VI cache_[kBits == 3 ? kInt3SuperSteps * kVecs : 1];
+};
 
 }  // namespace HWY_NAMESPACE
 }  // namespace lowbit

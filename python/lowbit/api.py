@@ -52,14 +52,16 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
-      bits: 8, 4, 3 or 2 (3-bit codes are held in int4 tiles: smaller error than
-        nothing, same size as int4; 2-bit layers are packed rows run as dequantize +
-        float matmul, warned once); a float budget such as 4.5 for automatic mixed
-        precision (bits go where they help most per byte: each layer's output error
-        per format is measured on ``calibration_data``, or without data its relative
-        weight error stands in, weighted as the search is under ``method="auto"``;
-        the formats: int4 at the asked group, 4x coarser and half of it, and int8
-        per row; under ``method="auto"`` the errors of value projections and of a
+      bits: 8, 4, 3 or 2 (3-bit layers are int3 tiles, 3 bits per weight plus the
+        scales: 3.56 b/w at the default g16 on 576 inputs; 2-bit layers are packed
+        rows run as dequantize + float matmul, warned once); a float budget such as
+        4.5 for automatic mixed precision (bits go where they help most per byte:
+        each layer's output error per format is measured on ``calibration_data``,
+        or without data its relative weight error stands in, weighted as the search
+        is under ``method="auto"``; the formats: int4 at the asked group, 4x coarser
+        and half of it, and int8 per row; below the coarse int4's size also int3 at
+        the asked group and 4x coarser, and below those int2; under
+        ``method="auto"`` the errors of value projections and of a
         language model's last block count 10x, see lowbit.calibrate.priors); or a dict
         ``{layer name: bits}`` (key "default" for the rest).
       group_size: scales per this many inputs (default 16; None: per row). Where it does not
@@ -124,7 +126,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits}")
     mixed = isinstance(bits, float)
     if mixed and not 2.0 <= bits <= 9.0:
-        raise ValueError(f"a bits budget must be between 2.0 and 9.0 bits/weight (layers are 2, 4 or 8 bits "
+        raise ValueError(f"a bits budget must be between 2.0 and 9.0 bits/weight (layers are 2, 3, 4 or 8 bits "
                          f"plus scales), got {bits}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -159,14 +161,20 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         fine = group_size // 2 if group_size is not None and group_size // 2 >= GROUP_MULTIPLE[4] else None
         plans4 = [LayerPlan(4, g, scale_dtype) for g in [coarse, group_size] + ([fine] if fine else [])]
         candidates = list(dict.fromkeys(plans4 + [LayerPlan(8, None, scale_dtype)]))
-        four = sum(m.weight.numel() * LayerPlan(4, layer_group(coarse, m.in_features, 4),
-                                                scale_dtype).bits_per_weight(
-            m.in_features) for _, m in targets) / max(1, sum(m.weight.numel() for _, m in targets))
-        if bits < four:
-            # int2 only when the budget cannot be met at 4 bits: the greedy plan's
-            # per-layer error model underrates how 2-bit errors compound through a
-            # model (MiniLM at 4.5 b/w: cosine 0.9896 with int2 layers, 0.9955 without).
-            candidates.insert(0, LayerPlan(2, group_size))
+        def mean_bits(b):  # of every target at b bits and the coarse group
+            return sum(m.weight.numel() * LayerPlan(b, layer_group(coarse, m.in_features, b), scale_dtype)
+                       .bits_per_weight(m.in_features) for _, m in targets) / \
+                max(1, sum(m.weight.numel() for _, m in targets))
+
+        if bits < mean_bits(4):
+            # int3 only when the budget cannot be met at 4 bits, int2 only when not
+            # at 3: the greedy plan's per-layer error model underrates how
+            # low-bit errors compound through a model (MiniLM at 4.5 b/w: cosine
+            # 0.9896 with int2 layers, 0.9955 without).
+            candidates = list(dict.fromkeys([LayerPlan(3, coarse, scale_dtype), LayerPlan(3, group_size, scale_dtype)]
+                                            + candidates))
+            if bits < mean_bits(3):
+                candidates.insert(0, LayerPlan(2, group_size))
         if data is None:  # data-free: weight-space error stands in for the output error
             sens = weight_sensitivities(targets, candidates, symmetric, method, importance)
             if method == "auto":  # value projections, a language model's last block: calibrate.priors
@@ -186,7 +194,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         targets = [(n, m) for n, m in targets if n in plans]
     if progress:
         _report_groups(targets, plans, group_size)
-    simple = method in DATA_FREE and not static and all(p.bits in (2, 4, 8) for p in plans.values())
+    simple = method in DATA_FREE and not static and all(p.bits in (2, 3, 4, 8) for p in plans.values())
     if simple:  # the native quantizer, no calibration pass
         for name, mod in _progress(targets, progress):
             p = plans[name]

@@ -314,10 +314,10 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a Hugging Face model folder (or 'minilm') into a lowbit file")
     q.add_argument("source", help="model folder with config.json, or 'minilm' (the packaged all-MiniLM-L6-v2)")
     q.add_argument("dest", help="output .safetensors path (written atomically)")
-    q.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    q.add_argument("--bits", type=int, choices=(3, 4, 8), default=4, help="3: int3 tiles (3.5 + 32/K b/w at g16)")
     q.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="0 for per-row scales")
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=DEFAULT_SCALE_DTYPE,
-                   help="scales of the int8/int4 tiles (int8 codes x a float32 row scale: int4 g16 at "
+                   help="scales of the int8/int4/int3 tiles (int8 codes x a float32 row scale: int4 g16 at "
                         "4.5 + 32/K bits/weight; float16: int4 g32 at 4.5)")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")

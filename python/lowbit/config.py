@@ -8,9 +8,10 @@ from typing import Optional
 from .arrays import SCALE_DTYPES
 from .matmul import KSTEP
 
-# int8 / int4 layers live in the matmul kernels' tiles; int2 layers in the packed
-# row layout (no int2 matmul kernel yet: dequantize + float matmul, warned once).
-LAYER_BITS = (8, 4, 2)
+# int8 / int4 / int3 layers live in the matmul kernels' tiles (int3: 3 bits per
+# weight, formats.h "int3 tiles"); int2 layers in the packed row layout (no int2
+# matmul kernel yet: dequantize + float matmul, warned once).
+LAYER_BITS = (8, 4, 3, 2)
 GROUP_MULTIPLE = {**KSTEP, 2: 4}
 SCALE_LABEL = {"float32": "", "float16": " f16-scales", "int8": " int8-scales"}
 
@@ -61,15 +62,16 @@ def resolve_method(method: str, bits: int) -> str:
 
 
 def storage_bits(code_bits: int) -> int:
-    """The layer format holding codes of this width: 3-bit codes go in int4 tiles."""
-    return 2 if code_bits == 2 else 4 if code_bits <= 4 else 8
+    """The layer format holding codes of this width: int3 tiles for 3-bit codes
+    (before 2026-12-05 they sat in int4 tiles, which files of then still hold)."""
+    return code_bits if code_bits in (2, 3) else 4 if code_bits <= 4 else 8
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """How one Linear layer is quantized.
 
-    bits: weight bits (8 or 4). group_size: elements per scale along the input
+    bits: weight bits of the tiles (8, 4 or 3; 2: packed rows). group_size: elements per scale along the input
     dimension (None: one scale per output row). symmetric: signed codes without a
     zero point. act_bits: None (float activations, weight-only) or 8 (per-token
     int8 activations and integer kernels). scale_dtype: "float32", "float16" or
@@ -82,12 +84,12 @@ class QuantConfig:
     group_size: Optional[int] = 128
     symmetric: bool = True
     act_bits: Optional[int] = None
-    code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles)
+    code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles: older files)
     scale_dtype: str = "float32"
 
     def __post_init__(self):
         if self.bits not in LAYER_BITS:
-            raise ValueError(f"bits must be 8, 4 or 2 for layers, got {self.bits}")
+            raise ValueError(f"bits must be 8, 4, 3 or 2 for layers, got {self.bits}")
         if self.bits == 2 and not self.symmetric:
             raise ValueError("2-bit layers are symmetric")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):

@@ -26,7 +26,7 @@ where the lowbit JSON is::
 
   {"format_version": 1, "layout": "tiled-v1", "writer": "lowbit <version>",
    "layers": {"<module name>": {"module": "QuantLinear", "in_features", "out_features",
-              "bits" (8, 4: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
+              "bits" (8, 4, 3: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
               "orig_dtype", "bias", "act_scale" (0: dynamic activations),
               "scale_dtype" (only when not float32: "float16", the tiles' scales are F16;
               "int8", they are I8 codes with F32 "row_scales", formats.h)}},
@@ -50,7 +50,7 @@ import numpy as np
 
 from .arrays import SCALE_DTYPES
 from .config import GROUP_MULTIPLE
-from .matmul import KSTEP, TILE_ROWS
+from .matmul import KSTEP, TILE_ROWS, tile_bytes
 
 FORMAT_VERSION = 1
 LAYOUT = "tiled-v1"
@@ -120,7 +120,7 @@ class FileInfo:
 
 def expected_packed_shapes(meta: dict) -> dict:
     """The shapes and dtypes the tensors of one layer must have: tiled-v1 for int8 /
-    int4, the packed row layout of formats.h for int2 (data [N, ceil(K / 4)])."""
+    int4 / int3, the packed row layout of formats.h for int2 (data [N, ceil(K / 4)])."""
     n, k, bits = meta["out_features"], meta["in_features"], meta["bits"]
     if bits == 2:
         groups = 1 if meta["group_size"] is None else k // meta["group_size"]
@@ -131,7 +131,7 @@ def expected_packed_shapes(meta: dict) -> dict:
     ngroups = 1 if meta["group_size"] is None else k // meta["group_size"]
     scale_dtype = meta.get("scale_dtype", "float32")
     sdt = {"float32": "F32", "float16": "F16", "int8": "I8"}[scale_dtype]
-    shapes = {"data": ("U8", (tiles * (kp // step) * 64,)), "scales": (sdt, (tiles, ngroups, TILE_ROWS))}
+    shapes = {"data": ("U8", (tiles * tile_bytes(bits, kp),)), "scales": (sdt, (tiles, ngroups, TILE_ROWS))}
     if not meta["symmetric"]:
         shapes["offsets"] = ("I32", (tiles, ngroups, TILE_ROWS))
     if scale_dtype == "int8":  # the codes' per-row float32 scales
@@ -448,14 +448,14 @@ def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] 
                           f"(and optionally scale_dtype)")
     if m.get("scale_dtype", "float32") not in SCALE_DTYPES or \
             (m.get("scale_dtype", "float32") != "float32" and m["bits"] == 2):
-        raise FormatError(f"{where}: scale_dtype must be float32, or float16 / int8 for int8/int4 layers")
+        raise FormatError(f"{where}: scale_dtype must be float32, or float16 / int8 for int8/int4/int3 layers")
     if m["module"] != "QuantLinear":
         raise FormatError(f"{where}: unknown module type {m['module']!r}")
     n, k = m["in_features"], m["out_features"]
     if not all(type(v) is int and 0 < v < 2**31 for v in (n, k)):
         raise FormatError(f"{where}: in_features/out_features must be positive ints")
     if type(m["bits"]) is not int or m["bits"] not in GROUP_MULTIPLE:
-        raise FormatError(f"{where}: bits must be 8, 4 or 2, got {m['bits']!r}")
+        raise FormatError(f"{where}: bits must be 8, 4, 3 or 2, got {m['bits']!r}")
     if m["bits"] == 2 and m["symmetric"] is not True:
         raise FormatError(f"{where}: 2-bit layers are symmetric")
     g = m["group_size"]

@@ -440,16 +440,17 @@ def test_torch_compile_of_a_model_loaded_quantized(tmp_path):
 
 
 def test_three_bit_codes_while_loading(synthetic_llama, tmp_path):
-    """3-bit codes (in int4 tiles) come from lowbit's calibrated path after loading."""
+    """3-bit layers are quantized while loading, into int3 tiles (3 bits per weight)."""
     _, folder = synthetic_llama
     loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LowbitConfig(bits=3))
     layer = loaded.model.layers[1].self_attn.k_proj
-    assert isinstance(layer, lowbit.nn.QuantLinear) and (layer.config.bits, layer.config.code_bits) == (4, 3)
+    assert isinstance(layer, lowbit.nn.QuantLinear) and (layer.config.bits, layer.config.code_bits) == (3, None)
+    assert layer.data.numel() * 8 == 3 * layer.in_features * layer.out_features
     ref = lowbit.quantize(AutoModelForCausalLM.from_pretrained(folder), bits=3, exclude="lm_head", heads=None,
                           embeddings=None, progress=False)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
     assert torch.equal(logits(loaded, ids), logits(ref, ids))
     loaded.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert again.model.layers[1].self_attn.k_proj.config.code_bits == 3
+    assert again.model.layers[1].self_attn.k_proj.config.bits == 3
     assert torch.equal(logits(again, ids), logits(loaded, ids))

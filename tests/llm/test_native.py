@@ -37,6 +37,8 @@ FORMATS = {
     "W4A8": dict(bits=4, activations=8),
     "int4 g32 asym float32 rtn": dict(bits=4, group_size=32, symmetric=False, method="rtn", scale_dtype="float32"),
     "float head": dict(bits=4, heads=None),
+    "int3 g16": dict(bits=3),
+    "W3A8 asym": dict(bits=3, activations=8, symmetric=False, group_size=32, scale_dtype="float32"),
 }
 
 

@@ -34,8 +34,9 @@ DATA_FREE = ("auto", "rtn", "mse")  # "auto": config.resolve_method per layer
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is quantized: code bits (3 and 2 run in int4 tiles), group size,
-    scale dtype (float16 / int8 for int8/int4 tiles only; 2-bit rows keep float32)."""
+    """How one layer is quantized: code bits (3: int3 tiles; 2: packed rows run as
+    dequantize + float matmul), group size, scale dtype (float16 / int8 for the
+    tiles only; 2-bit rows keep float32)."""
 
     bits: int
     group_size: Optional[int]

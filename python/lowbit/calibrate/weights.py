@@ -3,8 +3,8 @@
 All of them produce integer codes and per-group scales under lowbit's own
 scale rule (formats.h: the signed largest-magnitude value maps to -2^(b-1);
 asymmetric min-max with an integer zero point), so their output loads into the
-same tiled kernels as plain quantization. Codes of 3 or fewer bits are stored
-in int4 tiles (the kernels run them as int4).
+same tiled kernels as plain quantization. 3-bit codes are stored in int3 tiles
+(3 bits per weight, decoded to the int4 form in the kernels).
 
 The float math follows the kernels exactly where it matters: scales in
 float32, codes = round_half_even(w * (1 / scale)) clamped, so RTN here equals

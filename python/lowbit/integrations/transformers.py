@@ -24,8 +24,7 @@ What happens:
     shard, memory-mapped) and the float tensor is dropped, so the process holds
     the quantized model plus about one float layer (a 389 MB float32 Llama:
     +66 MB anonymous memory at the peak against 412 MB resident in float).
-    The per-layer formats are recorded in the config (``layers``). 3-bit
-    layers come from lowbit's calibrated path and are quantized after loading.
+    The per-layer formats are recorded in the config (``layers``).
   * ``save_pretrained``: the QuantLinear tensors as they sit in memory (tiled-v1,
     csrc/lowbit/formats.h) in safetensors, ``quantization_config`` with the
     layer table in config.json.
@@ -172,7 +171,7 @@ class LowbitHfQuantizer(HfQuantizer):
         # The same choice of layers as lowbit.quantize, made on the meta skeleton.
         cfg = self.quantization_config
         targets, _ = _select(model, None, self._excluded, devices=("cpu", "meta"))
-        storage = storage_bits(cfg.bits)  # 3-bit codes live in int4 tiles
+        storage = storage_bits(cfg.bits)
         self._plans = {name: QuantConfig(storage, layer_group(cfg.group_size, mod.in_features, cfg.bits),
                                          cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits,
                                          cfg.scale_dtype if storage != 2 else "float32")
@@ -191,11 +190,8 @@ class LowbitHfQuantizer(HfQuantizer):
         return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in self.modules_to_not_convert)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        # 3-bit codes come from the calibrated path: those layers are quantized
-        # after loading instead (one float model in memory, as lowbit.quantize).
         name, _, part = param_name.rpartition(".")
-        return (not self.pre_quantized and part == "weight" and name in self._plans
-                and self.quantization_config.bits != 3)
+        return not self.pre_quantized and part == "weight" and name in self._plans
 
     def get_quantize_ops(self):
         return _QuantizeOnLoad(self)
@@ -236,12 +232,6 @@ class LowbitHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         for name in list(self._waiting):  # gate or up kept in float (excluded), or read after down
             self._replace(model, name, model.get_submodule(name), self._waiting.pop(name))
-        if cfg.bits == 3:
-            from ..api import quantize
-            quantize(model, bits=3, group_size=cfg.group_size, symmetric=cfg.symmetric, activations=cfg.activations,
-                     method=cfg.method, include=lambda name, mod: name in self._plans, heads=None,
-                     scale_dtype=cfg.scale_dtype,
-                     embeddings=None, progress=False)
         layers = {name: layer_record(mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
         self.quantization_config = cfg.with_layers(layers)
         model.config.quantization_config = self.quantization_config

@@ -53,8 +53,8 @@ def _layer_spec(layer, col: int, name: str) -> dict:
             else f"a {type(layer).__name__}"
         raise ValueError(f"{name} is {kind}; the native decoder needs lowbit int8 / int4 QuantLinear layers")
     c = layer.config
-    if c.bits not in (4, 8):
-        raise ValueError(f"{name} is int{c.bits}: the native decoder runs int8 / int4 tiles only")
+    if c.bits not in (3, 4, 8):
+        raise ValueError(f"{name} is int{c.bits}: the native decoder runs int8 / int4 / int3 tiles only")
     if c.act_bits not in (None, 0, 8):
         raise ValueError(f"{name}: activation bits {c.act_bits} are not supported (float or 8)")
     # The same views (and group rule) the layer's own eager forward hands the kernels.

@@ -71,7 +71,7 @@ def _fusable(mods) -> bool:
     if not all(type(m) is QuantLinear for m in mods):
         return False
     c = a.config
-    return c.bits in (4, 8) and all(
+    return c.bits in (3, 4, 8) and all(
         m.in_features == a.in_features and m.config == c and m.out_features % TILE_ROWS == 0 and not m.act_scale
         and m.input_scale is None and (m.bias is None) == (a.bias is None) and m.orig_dtype == a.orig_dtype
         for m in mods)

@@ -101,6 +101,11 @@ class QuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         resolved = resolve_method(method, c.bits)
+        if c.bits == 3:  # no 3-bit QArray: the layer algorithms give the codes
+            from ..calibrate.weights import mse, rtn
+            q = mse(w, 3, c.group_size, c.symmetric, scale_dtype=c.scale_dtype, importance=importance) \
+                if resolved == "mse" else rtn(w, 3, c.group_size, c.symmetric, scale_dtype=c.scale_dtype)
+            return cls.from_quantized(q, linear.bias, c, dtype=w.dtype)
         mod._store(quantize_array(w.float().cpu().numpy(), bits=c.bits, group_size=c.group_size,
                                   symmetric=c.symmetric, method=resolved, scale_dtype=c.scale_dtype,
                                   importance=importance if resolved == "mse" else None))
@@ -108,11 +113,12 @@ class QuantLinear(nn.Module):
         return mod
 
     def _store(self, q: QArray) -> None:
-        """Hold q's codes in this layer's format: packed rows for int2, tiles otherwise."""
+        """Hold q's codes in this layer's format: packed rows for int2, tiles otherwise
+        (int3 tiles from an int4 QArray whose codes fit 3 bits)."""
         if self.config.bits == 2:
             self.data, self.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             return
-        pw = pack_weights(q, self.config.scale_dtype)
+        pw = pack_weights(q, self.config.scale_dtype, bits=self.config.bits)
         self.data = torch.from_numpy(pw.data)
         self.scales = torch.from_numpy(pw.scales)
         self.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
@@ -126,22 +132,27 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, q, bias: Optional[torch.Tensor] = None, config: Optional[QuantConfig] = None,
                        dtype: torch.dtype = torch.float32) -> "QuantLinear":
         """A layer from the output of a weight algorithm (lowbit.calibrate.weights:
-        codes, scales, zero points, optional input scale). Codes of <= 4 bits go
-        into int4 tiles, 8-bit codes into int8 tiles."""
+        codes, scales, zero points, optional input scale). 3-bit codes go into
+        int3 tiles, 4-bit codes into int4 tiles, 8-bit codes into int8 tiles (and
+        narrower codes into a given config's wider tiles)."""
         n, k = q.codes.shape
         storage = storage_bits(q.bits)
         cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None)
-        if cfg.bits != storage or cfg.group_size != q.group_size or cfg.symmetric != (q.zero_points is None):
+        # Or wider tiles that say the codes' width (int4 tiles with code_bits=3: files before int3 tiles).
+        wider = cfg.bits in (4, 8) and cfg.code_bits == q.bits < cfg.bits
+        if (cfg.bits != storage and not wider) or cfg.group_size != q.group_size or \
+                cfg.symmetric != (q.zero_points is None):
             raise ValueError(f"config {cfg.label} does not match the quantized weight "
                              f"(int{q.bits} codes, group {q.group_size})")
         mod = cls(k, n, bias is not None, cfg, dtype=dtype, has_input_scale=q.input_scale is not None)
         # Narrower signed codes (3 bits in int4) are valid codes of their storage as they are.
-        if q.zero_points is not None and q.bits < storage:
+        if q.zero_points is not None and q.bits < cfg.bits:
             raise ValueError("asymmetric codes narrower than their storage are not supported")
         from ..reference import pack
-        mod._store(QArray(pack(q.codes.numpy().astype(np.int32), storage), q.scales.numpy().astype(np.float32),
+        held = 4 if cfg.bits == 3 else cfg.bits  # int3 tiles are packed from an int4 QArray
+        mod._store(QArray(pack(q.codes.numpy().astype(np.int32), held), q.scales.numpy().astype(np.float32),
                           None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k),
-                          storage, q.group_size, q.zero_points is None))
+                          held, q.group_size, q.zero_points is None))
         mod._copy_bias(bias)
         if q.input_scale is not None:
             mod.input_scale = q.input_scale.float().clone()

@@ -377,3 +377,23 @@ def test_freed_memory_goes_back_to_the_os_when_asked(tmp_path):
         outs[mode] = [int(v) for v in run.stdout.split()]
     assert outs["0"][1] >= outs["0"][0] - 2  # off: nothing returned
     assert outs["1"][1] <= outs["1"][0] - 4, outs  # on: the freed blocks are gone
+
+
+def test_data_free_budget_below_int4_mixes_int3_tiles():
+    # Without data, a budget under the coarse int4 plan brings in int3 tiles (not
+    # int2): it meets the budget and its output error lies between all-int3's and
+    # all-int4's at the asked group.
+    m = mlp()
+    x = correlated(256, 64, 99)
+    with torch.no_grad():
+        ref = m(x)
+    errs, bpw, kinds = {}, {}, {}
+    for bits in (3, 3.9, 4):
+        q = lowbit.quantize(copy.deepcopy(m), bits=bits, group_size=32, progress=False, include=lambda n, mod: True)
+        kinds[bits] = {mod.config.bits for mod in q.modules() if isinstance(mod, QuantLinear)}
+        bpw[bits] = lowbit.summary(q)["bits_per_weight"]
+        with torch.no_grad():
+            errs[bits] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert kinds[3] == {3} and 3 in kinds[3.9] and 2 not in kinds[3.9]
+    assert bpw[3] < bpw[3.9] <= 3.9 < bpw[4]
+    assert errs[4] < errs[3.9] < errs[3]

@@ -124,10 +124,17 @@ def weight_sensitivities(targets: list, candidates: list, symmetric: bool, metho
         for c in candidates:
             plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
             resolved = resolve_method(method, plan.bits)
-            q = quantize_array(w, bits=plan.bits, group_size=plan.group_size, symmetric=symmetric or plan.bits == 2,
-                               method=resolved, scale_dtype=plan.scale_dtype,
-                               importance=imp if resolved == "mse" else None)
-            d = dequantize_array(q) - w
+            if plan.bits == 3:  # no 3-bit QArray: the layer algorithms, as QuantLinear.from_linear
+                from .weights import mse, rtn
+                t = torch.from_numpy(w)
+                q3 = mse(t, 3, plan.group_size, symmetric, scale_dtype=plan.scale_dtype, importance=imp) \
+                    if resolved == "mse" else rtn(t, 3, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
+                d = q3.dequantize().numpy() - w
+            else:
+                q = quantize_array(w, bits=plan.bits, group_size=plan.group_size,
+                                   symmetric=symmetric or plan.bits == 2, method=resolved,
+                                   scale_dtype=plan.scale_dtype, importance=imp if resolved == "mse" else None)
+                d = dequantize_array(q) - w
             out[name][plan] = float((np.square(d, dtype=np.float64) * col).sum()) / max(ref, 1e-30)
     return out
 

@@ -154,7 +154,7 @@ enum class Fp8Kind : int { kE4M3 = 0, kE5M2 = 1 };
 
 constexpr size_t kTileRows = 16;   // rows per matmul weight tile
 constexpr size_t kBlockBytes = 64;  // bytes per k-step block of a tile
-inline size_t KStep(int bits) { return bits == 8 ? 4 : 8; }  // int3 and int4: 8
+constexpr size_t KStep(int bits) { return bits == 8 ? 4 : 8; }  // int3 and int4: 8
 constexpr size_t kInt3SuperSteps = 4;     // k-steps per int3 super-block
 constexpr size_t kInt3SuperBytes = 192;   // 3 planes of 64 bytes
 

@@ -95,7 +95,7 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
   constexpr size_t kLanes = HWY_LANES(int32_t);
   constexpr size_t kVecs = kTileRows / kLanes;
   constexpr size_t kV = NT * kVecs;
-  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr size_t kStep = KStep(kBits);
   constexpr int kShift = kBits == 4 ? 28 : kBits == 3 ? 29 : 24;  // where the code lands in the lane
   const size_t steps_per_group = w.group / kStep;
   const size_t tile_bytes = TileBytes(kBits, w.kp);
@@ -120,7 +120,7 @@ HWY_INLINE void ShuffleGemvBlock(const float* x, const TiledWeights& w, size_t t
     for (size_t v = 0; v < kV; ++v) gacc[v] = hn::Zero(df);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       const float* xs = x + s * kStep;
-      for (size_t t = 0; t < NT; ++t) hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + kPrefetchBlocks));
+      for (size_t t = 0; t < NT; ++t) tile[t].Prefetch(s + kPrefetchBlocks);
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         hn::Vec<DU8> codes[kV];
         for (size_t t = 0; t < NT; ++t) {

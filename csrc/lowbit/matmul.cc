@@ -204,7 +204,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
                          size_t rows_left) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr size_t kStep = KStep(kBits);
   const size_t steps_per_group = w.group / kStep;
   const size_t tile_bytes = TileBytes(kBits, kp);
   VF facc[MR][NT * kVecs];
@@ -219,8 +219,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
       for (size_t v = 0; v < NT * kVecs; ++v) iacc[r][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       if (MR == 1) {  // GEMV streams weights once from DRAM; GEMM re-reads them from L2
-        for (size_t t = 0; t < NT; ++t)
-          hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
+        for (size_t t = 0; t < NT; ++t) tile[t].Prefetch(s + LOWBIT_PF_BLOCKS);
       }
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         // int4 / int3: low nibbles hold k-step half 0, high nibbles half 1.
@@ -301,17 +300,16 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
                             size_t t, float* out) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr size_t kStep = KStep(kBits);
   const size_t steps_per_group = w.group / kStep;
-  const uint8_t* data = w.data + t * TileBytes(kBits, w.kp);
-  TileReader<kBits> tile(data);
+  TileReader<kBits> tile(w.data + t * TileBytes(kBits, w.kp));
   VF facc[kVecs];
   for (size_t v = 0; v < kVecs; ++v) facc[v] = hn::Zero(df);
   for (size_t g = 0; g < w.ngroups; ++g) {
     VI chain[2][kVecs];
     for (size_t v = 0; v < kVecs; ++v) chain[0][v] = chain[1][v] = hn::Zero(di);
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
-      hwy::Prefetch(data + StreamOffset<kBits>(s + LOWBIT_PF_BLOCKS));
+      tile.Prefetch(s + LOWBIT_PF_BLOCKS);
       for (size_t half = 0; half < (kBits == 8 ? 1u : 2u); ++half) {
         int32_t x4;
         std::memcpy(&x4, xq + s * kStep + half * 4, 4);
@@ -402,7 +400,7 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
                            float* out, size_t out_stride, size_t rows_left) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr size_t kStep = KStep(kBits);
   constexpr int kCode = kLaneBits<kBits>;
   const size_t steps_per_group = w.group / kStep;
   const size_t tile_bytes = TileBytes(kBits, w.kp);
@@ -422,7 +420,7 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     for (size_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
       VI lanes[NT * kVecs];
       for (size_t t = 0; t < NT; ++t) {
-        hwy::Prefetch(w.data + (t0 + t) * tile_bytes + StreamOffset<kBits>(s + 8));
+        tile[t].Prefetch(s + 8);
         for (size_t v = 0; v < kVecs; ++v) lanes[t * kVecs + v] = tile[t].Lanes(s, v);
       }
       const size_t k0 = s * kStep;
@@ -498,7 +496,7 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
                              float* buf) {
   const DF df;
   const DI di;
-  constexpr size_t kStep = kBits == 8 ? 4 : 8;
+  constexpr size_t kStep = KStep(kBits);
   constexpr int kCode = kLaneBits<kBits>;
   constexpr int kMask = (1 << kCode) - 1;
   const size_t tile_bytes = TileBytes(kBits, w.kp);

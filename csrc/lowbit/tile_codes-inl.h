@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lowbit/formats.h"
 
@@ -51,6 +52,9 @@ class TileReader {
 
   TileReader() = default;
   explicit TileReader(const uint8_t* tile) : tile_(tile) {}
+
+  // Software prefetch of the weight stream at k-step s.
+  HWY_INLINE void Prefetch(size_t s) const { hwy::Prefetch(tile_ + StreamOffset<kBits>(s)); }
 
   HWY_INLINE VI Lanes(size_t s, size_t v) {
     if constexpr (kBits != 3) {

@@ -83,7 +83,8 @@ test-asan: $(VENV)/.deps
 	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests)/test_kernels.py \
 	  $(abspath tests)/test_floats.py $(abspath tests)/test_fake_quant.py $(abspath tests)/test_errors.py \
   $(abspath tests)/test_matmul.py $(abspath tests)/test_scale_search.py $(abspath tests)/test_fuzz.py \
-  $(abspath tests)/test_gptq_kernel.py $(abspath tests)/llm/test_decoder_kernel.py $(abspath tests)/test_int3_tiles.py
+  $(abspath tests)/test_gptq_kernel.py $(abspath tests)/llm/test_decoder_kernel.py $(abspath tests)/test_int3_tiles.py \
+  $(abspath tests)/test_level_tables.py
 
 bench: setup
 	$(PIP) matplotlib

@@ -143,20 +143,25 @@ bool QuantizeRows(const py::array& x, int dtype_flag, int bits, long group, bool
   return lowbit::QuantizeRows(px, dtype, rows, k, stride, spec, given, s, zps, out, pstride);
 }
 
+// Optional per-column search weights [k] (finite, >= 0), converted to float32.
+py::array_t<float, py::array::c_style | py::array::forcecast> Importance(const py::object& importance_obj, size_t k) {
+  py::array_t<float, py::array::c_style | py::array::forcecast> importance;
+  if (importance_obj.is_none()) return importance;
+  importance = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(importance_obj);
+  if (!importance || importance.ndim() != 1 || static_cast<size_t>(importance.shape(0)) != k)
+    Fail("importance must be a 1-D float array with one entry per column of x");
+  const float* pc = importance.data();
+  for (size_t i = 0; i < k; ++i)
+    if (!(pc[i] >= 0.0f) || !std::isfinite(pc[i])) Fail("importance must be finite and >= 0");
+  return importance;
+}
+
 py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric, int steps,
                        const py::object& importance_obj) {
   const size_t stride = CheckRows(x, "x", Kind::kF32, false);
   const size_t rows = x.shape(0), k = x.shape(1);
-  py::array_t<float, py::array::c_style | py::array::forcecast> importance;
-  const float* pc = nullptr;
-  if (!importance_obj.is_none()) {
-    importance = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(importance_obj);
-    if (!importance || importance.ndim() != 1 || static_cast<size_t>(importance.shape(0)) != k)
-      Fail("importance must be a 1-D float array with one entry per column of x");
-    pc = importance.data();
-    for (size_t i = 0; i < k; ++i)
-      if (!(pc[i] >= 0.0f) || !std::isfinite(pc[i])) Fail("importance must be finite and >= 0");
-  }
+  const auto importance = Importance(importance_obj, k);
+  const float* pc = importance_obj.is_none() ? nullptr : importance.data();
   if (rows == 0 || k == 0) Fail("x must not be empty");
   if (bits < 2 || bits > 8) Fail("bits must be in [2, 8] (codes of the search grid)");
   if (group <= 0 || k % static_cast<size_t>(group) != 0) Fail("group_size must divide the last dimension");
@@ -172,6 +177,48 @@ py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric,
     lowbit::SearchScales(px, rows, k, stride, group, bits, symmetric, steps, s, z, pc);
   }
   return py::make_tuple(scales, symmetric ? py::object(py::none()) : py::object(zps));
+}
+
+// Level tables (formats.h): a C-contiguous float32 x [rows, K] and int8 levels [16].
+const int8_t* LevelArgs(const py::array& x, const py::array& levels, long group) {
+  CheckKind(x, "x", Kind::kF32);
+  if (x.ndim() != 2 || !(x.flags() & py::array::c_style)) Fail("x must be a C-contiguous 2-D float32 array");
+  if (x.shape(0) == 0 || x.shape(1) == 0) Fail("x must not be empty");
+  if (group <= 0 || static_cast<size_t>(x.shape(1)) % static_cast<size_t>(group) != 0)
+    Fail("group_size must divide the last dimension");
+  CheckFlat(levels, "levels", Kind::kI8, 16, false);
+  const int8_t* l = static_cast<const int8_t*>(levels.data());
+  for (int i = 0; i < 16; ++i)
+    if (l[i] < -127 || (i > 0 && l[i] <= l[i - 1])) Fail("levels must be 16 increasing values in [-127, 127]");
+  return l;
+}
+
+py::array_t<float> SearchLevelScales(const py::array& x, const py::array& levels, long group, int steps,
+                                     const py::object& importance_obj) {
+  const int8_t* l = LevelArgs(x, levels, group);
+  const size_t rows = x.shape(0), k = x.shape(1);
+  if (steps < 0 || steps > 64) Fail("steps must be in [0, 64]");
+  const auto importance = Importance(importance_obj, k);
+  const float* pc = importance_obj.is_none() ? nullptr : importance.data();
+  py::array_t<float> scales(rows * (k / group));
+  const float* px = static_cast<const float*>(x.data());
+  float* s = scales.mutable_data();
+  py::gil_scoped_release release;
+  lowbit::SearchLevelScales(px, rows, k, group, l, steps, s, pc);
+  return scales;
+}
+
+py::array_t<uint8_t> LevelCodes(const py::array& x, const py::array& levels, long group, const py::array& scales) {
+  const int8_t* l = LevelArgs(x, levels, group);
+  const size_t rows = x.shape(0), k = x.shape(1);
+  CheckFlat(scales, "scales", Kind::kF32, rows * (k / group), false);
+  py::array_t<uint8_t> codes({rows, k});
+  const float* px = static_cast<const float*>(x.data());
+  const float* s = static_cast<const float*>(scales.data());
+  uint8_t* c = codes.mutable_data();
+  py::gil_scoped_release release;
+  lowbit::LevelCodes(px, rows, k, group, l, s, c);
+  return codes;
 }
 
 // GPTQ's column loop on one block (gptq.cc): every array C-contiguous and sized
@@ -350,7 +397,8 @@ void FakeQuantBackward(const py::array& x, const py::array& dy, size_t outer, si
 // kernel read out of bounds.
 lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py::array& data,
                            const py::array& scales, const py::object& offsets_obj,
-                           const py::object& row_scales_obj = py::none()) {
+                           const py::object& row_scales_obj = py::none(),
+                           const py::object& levels_obj = py::none()) {
   if (bits != 3 && bits != 4 && bits != 8) Fail("bits must be 3, 4 or 8 for matmul, got " + std::to_string(bits));
   if (n == 0 || k == 0) Fail("weights must not be empty");
   if (group == 0 || k % group != 0) Fail("group_size must divide K");
@@ -388,6 +436,14 @@ lowbit::TiledWeights Tiled(int bits, size_t n, size_t k, size_t group, const py:
     const py::array offsets = offsets_obj.cast<py::array>();
     CheckFlat(offsets, "offsets", Kind::kI32, w.tiles * w.ngroups * lowbit::kTileRows, false);
     w.offsets = static_cast<const int32_t*>(offsets.data());
+  }
+  if (!levels_obj.is_none()) {  // formats.h "level tables"
+    if (bits != 4 || w.offsets != nullptr) Fail("levels need symmetric 4-bit weights");
+    const py::array levels = levels_obj.cast<py::array>();
+    CheckFlat(levels, "levels", Kind::kI8, 16, false);
+    w.levels = static_cast<const int8_t*>(levels.data());
+    for (int i = 0; i < 16; ++i)
+      if (w.levels[i] < -127) Fail("levels must lie in [-127, 127]");
   }
   return w;
 }
@@ -434,8 +490,9 @@ void CheckOut(const py::array& out, size_t m, size_t n) {
 }
 
 void DequantizeTiled(int bits, size_t n, size_t k, size_t group, const py::array& data, const py::array& scales,
-                     const py::object& offsets, py::array out, const py::object& row_scales) {
-  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets, row_scales);
+                     const py::object& offsets, py::array out, const py::object& row_scales,
+                     const py::object& levels) {
+  const lowbit::TiledWeights w = Tiled(bits, n, k, group, data, scales, offsets, row_scales, levels);
   CheckOut(out, n, k);
   float* o = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
@@ -465,8 +522,8 @@ struct MatmulCall {
 // x must have K columns, or Kp (K padded to the k-step) when padded_x.
 void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, size_t n, size_t k, size_t group,
                    const py::array& data, const py::array& scales, const py::object& offsets, py::array& out,
-                   const py::object& bias, const py::object& row_scales) {
-  c.w = Tiled(bits, n, k, group, data, scales, offsets, row_scales);
+                   const py::object& bias, const py::object& row_scales, const py::object& levels) {
+  c.w = Tiled(bits, n, k, group, data, scales, offsets, row_scales, levels);
   c.bias = PaddedBias(bias, c.w);
   if (!c.bias.empty()) c.w.bias = c.bias.data();
   c.x_stride = CheckRows(x, "x", Kind::kF32, false);
@@ -481,10 +538,11 @@ void PrepareMatmul(MatmulCall& c, const py::array& x, bool padded_x, int bits, s
 
 bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
-                    const py::object& bias, float act_scale, const py::object& row_scales) {
+                    const py::object& bias, float act_scale, const py::object& row_scales,
+                    const py::object& levels) {
   if (!(act_scale >= 0.0f) || act_scale > 3.0e38f) Fail("act_scale must be finite and >= 0 (0: dynamic)");
   MatmulCall c;
-  PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias, row_scales);
+  PrepareMatmul(c, x, false, bits, n, k, group, data, scales, offsets, out, bias, row_scales, levels);
   std::vector<int8_t> xq(c.m * c.w.kp);
   std::vector<float> xs(c.m);
   std::vector<int32_t> xsum(c.m * c.w.ngroups);
@@ -498,9 +556,9 @@ bool MatmulQuantAct(const py::array& x, int bits, size_t n, size_t k, size_t gro
 
 void MatmulFloatAct(const py::array& x, int bits, size_t n, size_t k, size_t group, const py::array& data,
                     const py::array& scales, const py::object& offsets, py::array out,
-                    const py::object& bias, const py::object& row_scales) {
+                    const py::object& bias, const py::object& row_scales, const py::object& levels) {
   MatmulCall c;
-  PrepareMatmul(c, x, true, bits, n, k, group, data, scales, offsets, out, bias, row_scales);
+  PrepareMatmul(c, x, true, bits, n, k, group, data, scales, offsets, out, bias, row_scales, levels);
   py::gil_scoped_release release;
   lowbit::MatmulFloatAct(c.x, c.m, c.x_stride, c.w, c.out, n);
 }
@@ -555,16 +613,17 @@ lowbit::DecoderProjection Projection(PyDecoder& self, const py::dict& spec) {
   const py::array data = get("data").cast<py::array>(), scales = get("scales").cast<py::array>();
   const py::object offsets = get("offsets"), row_scales = get("row_scales"), bias = get("bias");
   const py::object input_scale = get("input_scale");
+  const py::object levels = spec.contains("levels") ? py::object(spec["levels"]) : py::none();
   lowbit::DecoderProjection p;
   p.w = Tiled(get("bits").cast<int>(), get("n").cast<size_t>(), get("k").cast<size_t>(),
-              get("group").cast<size_t>(), data, scales, offsets, row_scales);
+              get("group").cast<size_t>(), data, scales, offsets, row_scales, levels);
   p.bias = PaddedBias(bias, p.w);
   if (!input_scale.is_none()) p.input_scale = FloatVector(input_scale, "input_scale", p.w.k);
   p.act_bits = get("act_bits").cast<int>();
   p.act_scale = get("act_scale").cast<float>();
   if (!(p.act_scale >= 0.0f) || p.act_scale > 3.0e38f) Fail("act_scale must be finite and >= 0 (0: dynamic)");
   p.col = get("col").cast<size_t>();
-  for (const py::object& o : {py::object(data), py::object(scales), offsets, row_scales})
+  for (const py::object& o : {py::object(data), py::object(scales), offsets, row_scales, levels})
     if (!o.is_none()) self.keep_alive.push_back(o);
   return p;
 }
@@ -674,7 +733,7 @@ PYBIND11_MODULE(_C, m) {
         "Quantize rows of x into packed codes; returns False if x held NaN.");
   m.def("dequantize_tiled", &DequantizeTiled, py::arg("bits"), py::arg("n"), py::arg("k"), py::arg("group"),
         py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
-        py::arg("row_scales").none(true) = py::none(),
+        py::arg("row_scales").none(true) = py::none(), py::arg("levels").none(true) = py::none(),
         "Float32 values [N, K] of tiled weights (the inverse of pack_tiled, scales applied).");
   m.def("gptq_columns", &GptqColumns, py::arg("wt"), py::arg("hinv"), py::arg("c0"), py::arg("c1"),
         py::arg("scales"), py::arg("zps").none(true), py::arg("groups"), py::arg("qmin"), py::arg("qmax"),
@@ -682,6 +741,11 @@ PYBIND11_MODULE(_C, m) {
         "GPTQ's column loop on one block (columns c0..c1): codes, scaled errors, later columns updated.");
   m.def("search_scales", &SearchScales, py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("symmetric"),
         py::arg("steps"), py::arg("importance").none(true) = py::none(), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");
+  m.def("search_level_scales", &SearchLevelScales, py::arg("x"), py::arg("levels"), py::arg("group"),
+        py::arg("steps"), py::arg("importance").none(true) = py::none(),
+        "Error-minimising group scales for int4 codes on a level table (scale_search.cc).");
+  m.def("level_codes", &LevelCodes, py::arg("x"), py::arg("levels"), py::arg("group"), py::arg("scales"),
+        "uint8 codes [rows, K]: the index of the level nearest to x / scale (ties to the lower one).");
   m.def("dequantize_rows", &DequantizeRows, py::arg("packed"), py::arg("k"), py::arg("bits"),
         py::arg("group"), py::arg("symmetric"), py::arg("per_tensor"), py::arg("scales"),
         py::arg("zero_points").none(true), py::arg("out").noconvert(), py::arg("dtype"));
@@ -737,11 +801,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul_quant_act", &MatmulQuantAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
         py::arg("bias").none(true) = py::none(), py::arg("act_scale") = 0.0f,
-        py::arg("row_scales").none(true) = py::none(),
+        py::arg("row_scales").none(true) = py::none(), py::arg("levels").none(true) = py::none(),
         "int8 activations (per token, or one static act_scale) x tiled weights; returns False if x held NaN.");
   m.def("matmul_float_act", &MatmulFloatAct, py::arg("x"), py::arg("bits"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("data"), py::arg("scales"), py::arg("offsets").none(true), py::arg("out").noconvert(),
-        py::arg("bias").none(true) = py::none(), py::arg("row_scales").none(true) = py::none());
+        py::arg("bias").none(true) = py::none(), py::arg("row_scales").none(true) = py::none(),
+        py::arg("levels").none(true) = py::none());
   // Residency of memory-mapped weights (stream.py calls these on its own file
   // mappings only: DONTNEED on anonymous memory would zero it).
   m.def("prefetch_pages", [](const py::array& a) { return OnMappedRange(a, "prefetch_pages", lowbit::PrefetchPages); },

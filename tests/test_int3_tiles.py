@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 import lowbit
-from lowbit import _C
 from lowbit import reference as ref
 from lowbit.arrays import QArray
 from lowbit.matmul import dequantize_packed
 
-from test_matmul import bf16_gemv, dot_path  # noqa: F401  (fixture)
+from test_matmul import bf16_gemv, dot_path, with_and_without_shuffle  # noqa: F401  (fixture)
 
 FORMATS = [  # group, symmetric, scale dtype
     (None, True, "float32"), (16, True, "int8"), (32, True, "float16"), (8, True, "float32"),
@@ -71,14 +70,7 @@ def test_int3_shuffle_gemv_equals_the_decode_loop(target, rng):
     q = three_bit_qarray(rng, 100, 576, 16, True, "int8")
     p3 = lowbit.pack_weights(q, "int8", bits=3)
     x = (rng.standard_normal((3, 576)) * np.exp(rng.uniform(-20, 20, (3, 1)))).astype(np.float32)
-    try:
-        _C.set_shuffle_gemv_enabled(True)
-        fast = lowbit.matmul(x, p3)
-        _C.set_shuffle_gemv_enabled(False)
-        slow = lowbit.matmul(x, p3)
-    finally:
-        _C.set_shuffle_gemv_enabled(True)
-    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(*with_and_without_shuffle(x, p3))
 
 
 @pytest.mark.parametrize("group,sym,scale_dtype", FORMATS, ids=[f"{g}-{'s' if s else 'a'}-{d}" for g, s, d in FORMATS])

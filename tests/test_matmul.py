@@ -332,6 +332,17 @@ SHUFFLE_FORMATS = [  # bits, group, scale dtype: every scale dtype the GEMV read
 ]
 
 
+def with_and_without_shuffle(x, pw):
+    """lowbit.matmul(x, pw) with the byte-shuffle GEMV enabled, then disabled."""
+    try:
+        _C.set_shuffle_gemv_enabled(True)
+        fast = lowbit.matmul(x, pw)
+        _C.set_shuffle_gemv_enabled(False)
+        return fast, lowbit.matmul(x, pw)
+    finally:
+        _C.set_shuffle_gemv_enabled(True)
+
+
 @pytest.fixture
 def shuffle_off():
     def switch(on):

@@ -131,6 +131,20 @@
 //   3 + (scale bits) / G bits per weight: int3 g16 with int8 scale codes takes
 //   3.5 + 32 / K (3.56 at K = 576).
 //
+// Level tables (int4 tiles, symmetric, the same layout version 1): a layer may
+//   give its 16 codes a table of signed levels L[0..15] in [-127, 127], int8,
+//   one table per layer (16 bytes, stored with the layer); stored code u
+//   (0..15) then means the value L[u] * scale instead of (u - 8) * scale. The
+//   levels need not be evenly spaced: a grid denser near 0 fits the bell-shaped
+//   weights of a group better than the 16 even steps of int4 (lowbit's table
+//   "t5", python/lowbit/levels.py). No offsets are stored (the table is the zero
+//   point); scales keep their dtypes and layout. The integer kernels look the
+//   byte u up as L[u] + 128 (vpshufb) and remove the offset 128 as for int8
+//   tiles; the float kernels look up L[u] as a float (vpermps) or a bfloat16
+//   (vpermw; |L| <= 127 is exact in both).
+//   Example: table t5, codes u = [0, 8, 15] with scale 0.01: values
+//   [-1.27, 0, 0.96].
+//
 // Activations (act_bits=8): per row (token), symmetric int8 in [-127, 127],
 //   scale = amax / 127 of the row's finite values, rows padded with zeros to Kp;
 //   per row and group the code sum sx (int32) is kept for the offset correction

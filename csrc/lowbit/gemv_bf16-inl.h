@@ -20,8 +20,8 @@
 //       int4 (a lane holds codes 0..7 of its row at bits 0-3: 0, 4-7: 4, 8-11:
 //       1, 12-15: 5, 16-19: 2, 20-23: 6, 24-27: 3, 28-31: 7): the shifts by
 //       0, 4, 8, 12 give the pairs (q0, q2), (q4, q6), (q1, q3), (q5, q7);
-//       table: u -> u - 8 (stored u = q + 8). int3 tiles read in int4 form
-//       (tile_codes-inl.h) with the table u -> u - 4.
+//       table: u -> u - 8 (stored u = q + 8), or u -> L[u] with a level table.
+//       int3 tiles read in int4 form (tile_codes-inl.h) with the table u -> u - 4.
 //       int8 (bytes 0..3 are codes 0..3, stored u = q + 128 = 16 h + l): the
 //       pairs are (l0, l2), (h0, h2), (l1, l3), (h1, h3), the low nibbles read
 //       l -> l and the high ones h -> h - 8 and meet 16 x (exact), so the two
@@ -117,10 +117,13 @@ HWY_INLINE void PrepareBf16Pairs(const float* x, size_t kp, uint32_t* xp) {
   }
 }
 
-// 32 words: bfloat16 of (i & 15) + base, so the permute ignores index bit 4.
-HWY_INLINE __m512i NibbleTable(int base) {
+// 32 words: bfloat16 of (i & 15) + base, or of a level table's L[i & 15]
+// (formats.h "level tables"; exact: |L| <= 127), so the permute ignores index
+// bit 4.
+HWY_INLINE __m512i NibbleTable(int base, const int8_t* levels = nullptr) {
   alignas(64) uint16_t t[32];
-  for (int i = 0; i < 32; ++i) t[i] = static_cast<uint16_t>(Bf16Bits(static_cast<float>((i & 15) + base)));
+  for (int i = 0; i < 32; ++i)
+    t[i] = static_cast<uint16_t>(Bf16Bits(static_cast<float>(levels ? levels[i & 15] : (i & 15) + base)));
   return _mm512_load_si512(t);
 }
 
@@ -149,13 +152,25 @@ constexpr size_t kBf16PrefetchBlocks = 64;
 // group, so out-of-order execution overlaps consecutive groups. Int4 g16 from
 // DRAM, 1 thread: 1536x576 16 -> 22 G weights/s, 8192x2048 26 -> 28, int8
 // 49152x576 13.5 -> 16.3 against the 4-tile version of this kernel.
+// The two code tables of a call (low nibbles / high nibbles of a byte), built
+// once per call: per tile, a level table's 64 conversions cost 6% of an int4
+// g16 8192x2048 GEMV (the even tables fold to constants).
+struct Bf16Tables {
+  __m512i lo, hi;
+};
 template <int kBits>
-HWY_INLINE void Bf16GemvTile(const uint32_t* xp, const TiledWeights& w, size_t t0, float* out) {
+HWY_INLINE Bf16Tables MakeBf16Tables(const TiledWeights& w) {
+  const int8_t* levels = kBits == 4 ? w.levels : nullptr;
+  return {NibbleTable(kBits == 4 ? -8 : kBits == 3 ? -4 : 0, levels), NibbleTable(kBits == 3 ? -4 : -8, levels)};
+}
+
+template <int kBits>
+HWY_INLINE void Bf16GemvTile(const uint32_t* xp, const TiledWeights& w, size_t t0, const Bf16Tables& tables,
+                             float* out) {
   constexpr size_t kStep = KStep(kBits);
   const size_t steps_per_group = w.group / kStep;
   const size_t tile_bytes = TileBytes(kBits, w.kp);
-  const __m512i tab_lo = NibbleTable(kBits == 4 ? -8 : kBits == 3 ? -4 : 0);
-  const __m512i tab_hi = NibbleTable(kBits == 3 ? -4 : -8);
+  const __m512i tab_lo = tables.lo, tab_hi = tables.hi;
   TileReader<kBits> reader(w.data + t0 * tile_bytes);
   __m512 oacc = _mm512_setzero_ps();
   for (size_t g = 0; g < w.ngroups; ++g) {

@@ -42,6 +42,16 @@ bool QuantizeRows(const void* x, DType dtype, size_t rows, size_t k, size_t row_
 void SearchScales(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits, bool symmetric,
                   int steps, float* scales, uint8_t* zps, const float* importance = nullptr);
 
+// The same search for int4 codes on a level table (formats.h "level tables";
+// levels: 16 increasing int8 values): scales [rows, K / group] of float32 rows
+// x [rows, K] (contiguous); code u of element x is then LevelCodes'.
+void SearchLevelScales(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels, int steps,
+                       float* scales, const float* importance = nullptr);
+// Level-table codes u in [0, 15] [rows, K] of x under scales [rows, K / group]:
+// the nearest level to x / scale, ties to the lower one.
+void LevelCodes(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels, const float* scales,
+                uint8_t* codes);
+
 // GPTQ's column loop for columns [c0, c1) of one block of B columns (gptq.cc
 // documents the arrays and the arithmetic): quantizes each column with its
 // group's scale, writes codes and scaled errors, and updates the later columns.
@@ -94,6 +104,9 @@ struct TiledWeights {
   const int8_t* scale_codes = nullptr;   // or as int8 codes c: scale = c * row_scales[row]
   const float* row_scales = nullptr;     // [tiles * 16] with scale_codes
   const int32_t* offsets = nullptr; // [tiles, ngroups, 16]; null: all 2^(bits-1) (symmetric)
+  // Level table (formats.h "level tables"), symmetric int4 only: code u stands
+  // for levels[u] (16 signed values) instead of u - 8; null: the uniform grid.
+  const int8_t* levels = nullptr;
   const float* bias = nullptr;      // [tiles * 16] (zero padded) added to every output row, or null
 };
 

@@ -182,14 +182,17 @@ struct DotVnni {
 
 // The unsigned codes of vector v of k-step s of a tile for the dot products:
 // int8 bytes as stored; int4 / int3 low nibbles (k-step half 0) or high
-// nibbles (half 1).
-template <int kBits>
-HWY_INLINE hn::Vec<DU8> BlockCodes(TileReader<kBits>& tile, size_t s, size_t v, size_t half) {
+// nibbles (half 1); with a level table (kLevels) the nibble u becomes L[u] + 128
+// (levels: LevelBytes), one vpshufb more per 64 codes.
+template <int kBits, bool kLevels = false>
+HWY_INLINE hn::Vec<DU8> BlockCodes(TileReader<kBits>& tile, size_t s, size_t v, size_t half,
+                                   hn::Vec<DU8> levels) {
   const DU8 du8;
   auto b = hn::BitCast(du8, tile.Lanes(s, v));
   if (kBits != 8) {
     if (half != 0) b = hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(hn::Repartition<uint16_t, DI>(), b)));
     b = hn::And(b, hn::Set(du8, 0x0F));
+    if (kLevels) b = hn::TableLookupBytes(levels, b);
   }
   return b;
 }
@@ -198,7 +201,7 @@ HWY_INLINE hn::Vec<DU8> BlockCodes(TileReader<kBits>& tile, size_t s, size_t v, 
 // Registers: MR * NT * kVecs int32 accumulators + as many float ones; AVX-512
 // with MR = 4, NT = 2: 8 + 8 of 32 zmm, and each weight vector loaded once
 // serves 4 rows (2 loads + 4 broadcasts per 8 vpdpbusd).
-template <class Dot, size_t MR, size_t NT, int kBits, ScaleKind kScales = ScaleKind::kRuntime>
+template <class Dot, size_t MR, size_t NT, int kBits, bool kLevels, ScaleKind kScales = ScaleKind::kRuntime>
 HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const int32_t* xsum,
                          const TiledWeights& w, size_t t0, float* out, size_t out_stride,
                          size_t rows_left) {
@@ -212,6 +215,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
     for (size_t v = 0; v < NT * kVecs; ++v) facc[r][v] = hn::Zero(df);
   TileReader<kBits> tile[NT];
   for (size_t t = 0; t < NT; ++t) tile[t] = TileReader<kBits>(w.data + (t0 + t) * tile_bytes);
+  const auto levels = kLevels ? LevelBytes(w.levels) : hn::Zero(DU8());
 
   for (size_t g = 0; g < w.ngroups; ++g) {
     VI iacc[MR][NT * kVecs];
@@ -225,7 +229,7 @@ HWY_INLINE void IntBlock(const int8_t* xq, size_t kp, const float* xscale, const
         // int4 / int3: low nibbles hold k-step half 0, high nibbles half 1.
         hn::Vec<DU8> wv[NT * kVecs];
         for (size_t t = 0; t < NT; ++t)
-          for (size_t v = 0; v < kVecs; ++v) wv[t * kVecs + v] = BlockCodes<kBits>(tile[t], s, v, half);
+          for (size_t v = 0; v < kVecs; ++v) wv[t * kVecs + v] = BlockCodes<kBits, kLevels>(tile[t], s, v, half, levels);
         const size_t kx = s * kStep + half * 4;
         for (size_t r = 0; r < MR; ++r) {
           int32_t x4;
@@ -295,7 +299,7 @@ void ForTileGroups(size_t tiles, const Fn& fn) {
 // chains come from within the tile: int4 nibble halves (int8: even and odd
 // k-steps) in separate accumulators, summed per group. Integer sums are exact,
 // so the results equal IntBlock's bit for bit.
-template <class Dot, int kBits, ScaleKind kScales>
+template <class Dot, int kBits, bool kLevels, ScaleKind kScales>
 HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum, const TiledWeights& w,
                             size_t t, float* out) {
   const DF df;
@@ -303,6 +307,7 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
   constexpr size_t kStep = KStep(kBits);
   const size_t steps_per_group = w.group / kStep;
   TileReader<kBits> tile(w.data + t * TileBytes(kBits, w.kp));
+  const auto levels = kLevels ? LevelBytes(w.levels) : hn::Zero(DU8());
   VF facc[kVecs];
   for (size_t v = 0; v < kVecs; ++v) facc[v] = hn::Zero(df);
   for (size_t g = 0; g < w.ngroups; ++g) {
@@ -315,7 +320,7 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
         std::memcpy(&x4, xq + s * kStep + half * 4, 4);
         const auto xo = Dot::Prepare(x4);
         const size_t c = kBits == 8 ? (s & 1) : half;
-        for (size_t v = 0; v < kVecs; ++v) chain[c][v] = Dot::Dot(chain[c][v], BlockCodes<kBits>(tile, s, v, half), xo);
+        for (size_t v = 0; v < kVecs; ++v) chain[c][v] = Dot::Dot(chain[c][v], BlockCodes<kBits, kLevels>(tile, s, v, half, levels), xo);
       }
     }
     for (size_t v = 0; v < kVecs; ++v) {
@@ -338,24 +343,24 @@ HWY_INLINE void IntGemvTile(const int8_t* xq, float xscale, const int32_t* xsum,
   if (!whole) std::memcpy(out + n0, buf, (w.n - n0) * sizeof(float));
 }
 
-template <class Dot, int kBits, ScaleKind kScales>
+template <class Dot, int kBits, bool kLevels, ScaleKind kScales>
 void IntGemv(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
              const TiledWeights& w, float* out, size_t out_stride) {
   ForTileGroups<LOWBIT_INT_GEMV_TILES>(w.tiles, [&](size_t t0, size_t nt) {
     for (size_t r = 0; r < m; ++r)
       for (size_t t = t0; t < t0 + nt; ++t)
-        IntGemvTile<Dot, kBits, kScales>(xq + r * w.kp, xscale[r], xsum + r * w.ngroups, w, t, out + r * out_stride);
+        IntGemvTile<Dot, kBits, kLevels, kScales>(xq + r * w.kp, xscale[r], xsum + r * w.ngroups, w, t, out + r * out_stride);
   });
 }
 
-template <class Dot, int kBits>
+template <class Dot, int kBits, bool kLevels = false>
 void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
                const TiledWeights& w, float* out, size_t out_stride) {
   if (m < 4) {
     switch (ScaleKindOf(w)) {
-      case ScaleKind::kF32: return IntGemv<Dot, kBits, ScaleKind::kF32>(xq, xscale, xsum, m, w, out, out_stride);
-      case ScaleKind::kF16: return IntGemv<Dot, kBits, ScaleKind::kF16>(xq, xscale, xsum, m, w, out, out_stride);
-      default: return IntGemv<Dot, kBits, ScaleKind::kI8>(xq, xscale, xsum, m, w, out, out_stride);
+      case ScaleKind::kF32: return IntGemv<Dot, kBits, kLevels, ScaleKind::kF32>(xq, xscale, xsum, m, w, out, out_stride);
+      case ScaleKind::kF16: return IntGemv<Dot, kBits, kLevels, ScaleKind::kF16>(xq, xscale, xsum, m, w, out, out_stride);
+      default: return IntGemv<Dot, kBits, kLevels, ScaleKind::kI8>(xq, xscale, xsum, m, w, out, out_stride);
     }
   }
   // Split N (pairs of tiles) across threads; every thread walks all rows of x
@@ -364,18 +369,25 @@ void IntMatmul(const int8_t* xq, const float* xscale, const int32_t* xsum, size_
   ForTileGroups<2>(w.tiles, [&](size_t t0, size_t nt) {
     size_t r = 0;
     for (; r + kMR <= m; r += kMR) {
-      if (nt == 2) IntBlock<Dot, kMR, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
-      else IntBlock<Dot, kMR, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
+      if (nt == 2) IntBlock<Dot, kMR, 2, kBits, kLevels>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
+      else IntBlock<Dot, kMR, 1, kBits, kLevels>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, kMR);
     }
     for (; r < m; ++r) {
-      if (nt == 2) IntBlock<Dot, 1, 2, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
-      else IntBlock<Dot, 1, 1, kBits>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
+      if (nt == 2) IntBlock<Dot, 1, 2, kBits, kLevels>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
+      else IntBlock<Dot, 1, 1, kBits, kLevels>(xq + r * w.kp, w.kp, xscale + r, xsum + r * w.ngroups, w, t0, out + r * out_stride, out_stride, 1);
     }
   });
 }
 
 void MatmulQuantActImpl(const int8_t* xq, const float* xscale, const int32_t* xsum, size_t m,
                         const TiledWeights& w, float* out, size_t out_stride) {
+  if (w.levels != nullptr) {  // int4 with a level table (the bindings allow no other width)
+#if HWY_TARGET == HWY_AVX3
+    if (g_vnni_enabled.load(std::memory_order_relaxed)) return IntMatmul<DotVnni, 4, true>(xq, xscale, xsum, m, w, out, out_stride);
+#endif
+    // Not pmaddubsw: bytes L[u] + 128 up to 255 times 127, twice, saturate int16.
+    return IntMatmul<DotPortable, 4, true>(xq, xscale, xsum, m, w, out, out_stride);
+  }
 #if HWY_TARGET == HWY_AVX3
   if (g_vnni_enabled.load(std::memory_order_relaxed)) {
     if (w.bits == 4) return IntMatmul<DotVnni, 4>(xq, xscale, xsum, m, w, out, out_stride);
@@ -409,6 +421,16 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
     for (size_t v = 0; v < NT * kVecs; ++v) oacc[r][v] = hn::Zero(df);
   TileReader<kBits> tile[NT];
   for (size_t t = 0; t < NT; ++t) tile[t] = TileReader<kBits>(w.data + (t0 + t) * tile_bytes);
+  const VI level_bytes = w.levels ? hn::BitCast(di, LevelBytes(w.levels)) : hn::Zero(di);
+#if HWY_TARGET == HWY_AVX3
+  // Symmetric int4: vpermps looks the float value (u - 8) up by the low 4 bits
+  // of each lane, so a code costs a shift and a permute instead of shift, and,
+  // subtract and convert (same values, bit for bit). int3: u - 4 (entries 8..15
+  // are never looked up). A level table: L[u].
+  alignas(64) float lut_values[16];
+  for (int u = 0; u < 16; ++u) lut_values[u] = w.levels ? float(w.levels[u]) : float(u - (kBits == 3 ? 4 : 8));
+  const __m512 lut = _mm512_load_ps(lut_values);
+#endif
   for (size_t g = 0; g < w.ngroups; ++g) {
     VF gacc[MR][NT * kVecs];
     VI off[NT * kVecs];
@@ -436,20 +458,13 @@ HWY_INLINE void FloatBlock(const float* x, size_t x_stride, const TiledWeights& 
         VF wj[NT * kVecs];
 #if HWY_TARGET == HWY_AVX3
         if (kCode == 4 && w.offsets == nullptr) {
-          // Symmetric int4: vpermps looks the float value (u - 8) up by the low
-          // 4 bits of each lane, so a code costs a shift and a permute instead of
-          // shift, and, subtract and convert (same values, bit for bit). int3:
-          // u - 4 (entries 8..15 are never looked up).
-          const float base = kBits == 3 ? -4.f : -8.f;
-          const __m512 lut = _mm512_add_ps(_mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f,
-                                                          11.f, 12.f, 13.f, 14.f, 15.f),
-                                           _mm512_set1_ps(base));
           for (size_t v = 0; v < NT * kVecs; ++v)
             wj[v] = VF{_mm512_permutexvar_ps(hn::ShiftRightSame(lanes[v], shift).raw, lut)};
         } else
 #endif
         for (size_t v = 0; v < NT * kVecs; ++v) {
-          const auto u = hn::And(hn::ShiftRightSame(lanes[v], shift), hn::Set(di, mask));
+          auto u = hn::And(hn::ShiftRightSame(lanes[v], shift), hn::Set(di, mask));
+          if (kCode == 4 && w.levels) u = LookupLevelLanes(u, level_bytes);
           wj[v] = hn::ConvertTo(df, hn::Sub(u, off[v]));
         }
         for (size_t r = 0; r < MR; ++r) {
@@ -500,6 +515,7 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
   constexpr int kCode = kLaneBits<kBits>;
   constexpr int kMask = (1 << kCode) - 1;
   const size_t tile_bytes = TileBytes(kBits, w.kp);
+  const VI level_bytes = w.levels ? hn::BitCast(di, LevelBytes(w.levels)) : hn::Zero(di);
   for (size_t t = 0; t < 2; ++t) {
     if (t >= nt) {  // no second tile: zeros
       for (size_t k = 0; k < nk; ++k)
@@ -516,7 +532,8 @@ HWY_INLINE void DequantChunk(const TiledWeights& w, size_t t0, size_t nt, size_t
         const auto lanes = tile.Lanes(s, v);
         for (size_t j = 0; j < kStep; ++j) {
           const int shift = kCode == 4 ? int((j % 4) * 8 + (j / 4) * 4) : int(j * 8);
-          const auto u = hn::And(hn::ShiftRightSame(lanes, shift), hn::Set(di, kMask));
+          auto u = hn::And(hn::ShiftRightSame(lanes, shift), hn::Set(di, kMask));
+          if (kCode == 4 && w.levels) u = LookupLevelLanes(u, level_bytes);
           const auto val = hn::Mul(hn::ConvertTo(df, hn::Sub(u, off)), scale);
           hn::Store(val, df, buf + (s * kStep + j - k0) * 32 + t * 16 + v * kLanes);
         }
@@ -630,7 +647,8 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
     // int4 vpermps lookup costs the same 2 ops per code.)
     bool shuffle[4] = {false, false, false, false};
     for (size_t r = 0; r < m; ++r)
-      shuffle[r] = w.offsets == nullptr && g_shuffle_gemv_enabled.load(std::memory_order_relaxed) &&
+      // (Its q * 2^29 decode needs evenly spaced codes: no level tables.)
+      shuffle[r] = w.offsets == nullptr && w.levels == nullptr && g_shuffle_gemv_enabled.load(std::memory_order_relaxed) &&
                    FitsShuffleRange(x + r * x_stride, w.k);
 #else
     const bool shuffle[4] = {false, false, false, false};
@@ -648,13 +666,16 @@ void FloatMatmul(const float* x, size_t m, size_t x_stride, const TiledWeights& 
       }
     }
 #endif
+#if HWY_TARGET == HWY_AVX3
+    const Bf16Tables bf16_tables = MakeBf16Tables<kBits>(w);
+#endif
     ForTileGroups<kNT>(w.tiles, [&](size_t t0, size_t nt) {
       for (size_t r = 0; r < m; ++r) {
         const float* xr = x + r * x_stride;
         float* orow = out + r * out_stride;
 #if HWY_TARGET == HWY_AVX3
         if (bf16[r]) {
-          for (size_t t = 0; t < nt; ++t) Bf16GemvTile<kBits>(pairs.data() + r * row_pairs, w, t0 + t, orow);
+          for (size_t t = 0; t < nt; ++t) Bf16GemvTile<kBits>(pairs.data() + r * row_pairs, w, t0 + t, bf16_tables, orow);
           continue;
         }
 #endif
@@ -781,7 +802,8 @@ void PackTiled(const uint8_t* codes, size_t n, size_t k, int bits, bool symmetri
 
 // The tiles' float values, row-major [N, K] (the input gradient of a frozen
 // layer needs W itself, not x @ W.T): the inverse of PackTiled, as the NumPy
-// dequantize_packed computes it, (u - offset) * scale in float32. Scalar: one
+// dequantize_packed computes it, (u - offset) * scale (level table: L[u] * scale)
+// in float32. Scalar: one
 // byte read per 1-2 outputs, so it runs at memory speed (~1 ms for 1536 x 576).
 void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
   const size_t tile_bytes = TileBytes(w.bits, w.kp);
@@ -800,7 +822,7 @@ void DequantizeTiled(const TiledWeights& w, float* out, size_t out_stride) {
                                              : static_cast<float>(w.scale_codes[idx]) * w.row_scales[row];
           const int u = GetTileCode(w.data + t * tile_bytes, w.bits, kk, i);
           const int off = w.offsets ? w.offsets[idx] : sym_offset;
-          dst[kk] = static_cast<float>(u - off) * scale;
+          dst[kk] = static_cast<float>(w.levels ? w.levels[u] : u - off) * scale;
         }
       }
     }

@@ -59,17 +59,46 @@ struct TrialSums {
   float xl, ll;
 };
 
-template <bool kWeighted>
-HWY_INLINE TrialSums Trial(const float* x, const float* c, size_t padded, float inv, float zp, float qmin,
-                           float qmax) {
+// The code values L of x on the even grid: clamping x * inv to [qmin - zp, qmax -
+// zp] before rounding gives the same integers as clamping q after (formats.h).
+struct EvenGrid {
+  hn::Vec<DF> inv, lo, hi;
+  EvenGrid(float inv_, float zp, float qmin, float qmax)
+      : inv(hn::Set(DF(), inv_)), lo(hn::Set(DF(), qmin - zp)), hi(hn::Set(DF(), qmax - zp)) {}
+  HWY_INLINE hn::Vec<DF> operator()(hn::Vec<DF> v) const { return hn::Round(hn::Min(hn::Max(hn::Mul(v, inv), lo), hi)); }
+};
+
+// A level table (formats.h "level tables") as thresholds: the level of t = x * inv
+// is L[0] plus the gaps L[j + 1] - L[j] of every midpoint (L[j] + L[j + 1]) / 2
+// that t exceeds, i.e. the nearest level, ties to the lower one. 15 compares and
+// masked adds per vector: ~2 ops per weight and trial, no table lookup (float
+// lookups of 16 entries need AVX-512).
+struct LevelVectors {
+  hn::Vec<DF> first, mid[15], gap[15];
+  explicit LevelVectors(const float* levels) : first(hn::Set(DF(), levels[0])) {
+    for (int j = 0; j < 15; ++j) {
+      mid[j] = hn::Set(DF(), 0.5f * (levels[j] + levels[j + 1]));
+      gap[j] = hn::Set(DF(), levels[j + 1] - levels[j]);
+    }
+  }
+};
+struct LevelGrid {
+  const LevelVectors& table;
+  hn::Vec<DF> inv;
+  LevelGrid(const LevelVectors& t, float inv_) : table(t), inv(hn::Set(DF(), inv_)) {}
+  HWY_INLINE hn::Vec<DF> operator()(hn::Vec<DF> v) const {
+    const auto t = hn::Mul(v, inv);
+    auto level = table.first;
+    for (int j = 0; j < 15; ++j) level = hn::Add(level, hn::IfThenElseZero(hn::Gt(t, table.mid[j]), table.gap[j]));
+    return level;
+  }
+};
+
+template <bool kWeighted, class Grid>
+HWY_INLINE TrialSums Trial(const float* x, const float* c, size_t padded, const Grid& codes) {
   const DF df;
   const size_t n = hn::Lanes(df);
-  const auto vinv = hn::Set(df, inv);
-  const auto lo = hn::Set(df, qmin - zp), hi = hn::Set(df, qmax - zp);
   auto xl0 = hn::Zero(df), xl1 = hn::Zero(df), ll0 = hn::Zero(df), ll1 = hn::Zero(df);
-  // L = q - zp; clamping x * inv to [qmin - zp, qmax - zp] before rounding gives
-  // the same integers as clamping q after (formats.h).
-  auto codes = [&](hn::Vec<DF> v) { return hn::Round(hn::Min(hn::Max(hn::Mul(v, vinv), lo), hi)); };
   // Weighted: c x and c L stand in for x and L as the first factors.
   auto weighted = [&](hn::Vec<DF> v, size_t at) { return kWeighted ? hn::Mul(v, hn::LoadU(df, c + at)) : v; };
   size_t i = 0;
@@ -93,43 +122,41 @@ HWY_INLINE TrialSums Trial(const float* x, const float* c, size_t padded, float 
 // Squared error of codes L (from trial reciprocal inv) with scale s: scoring a
 // trial by sum(x x) - sum(x L)^2 / sum(L L) cancels catastrophically in float32
 // at 8 bits (the error is ~1e-5 of sum(x x)), so every trial gets this pass too.
-template <bool kWeighted>
-HWY_INLINE float TrialError(const float* x, const float* c, size_t padded, float inv, float s, float zp, float qmin,
-                            float qmax) {
+template <bool kWeighted, class Grid>
+HWY_INLINE float TrialError(const float* x, const float* c, size_t padded, const Grid& codes, float s) {
   const DF df;
   const size_t n = hn::Lanes(df);
-  const auto vinv = hn::Set(df, inv), vs = hn::Set(df, s);
-  const auto lo = hn::Set(df, qmin - zp), hi = hn::Set(df, qmax - zp);
+  const auto vs = hn::Set(df, s);
   auto e0 = hn::Zero(df), e1 = hn::Zero(df);
   auto weighted = [&](hn::Vec<DF> v, size_t at) { return kWeighted ? hn::Mul(v, hn::LoadU(df, c + at)) : v; };
   size_t i = 0;
   for (; i + 2 * n <= padded; i += 2 * n) {
     const auto v0 = hn::LoadU(df, x + i), v1 = hn::LoadU(df, x + i + n);
-    const auto d0 = hn::NegMulAdd(hn::Round(hn::Min(hn::Max(hn::Mul(v0, vinv), lo), hi)), vs, v0);
-    const auto d1 = hn::NegMulAdd(hn::Round(hn::Min(hn::Max(hn::Mul(v1, vinv), lo), hi)), vs, v1);
+    const auto d0 = hn::NegMulAdd(codes(v0), vs, v0);
+    const auto d1 = hn::NegMulAdd(codes(v1), vs, v1);
     e0 = hn::MulAdd(weighted(d0, i), d0, e0);
     e1 = hn::MulAdd(weighted(d1, i + n), d1, e1);
   }
   for (; i < padded; i += n) {
     const auto v = hn::LoadU(df, x + i);
-    const auto d = hn::NegMulAdd(hn::Round(hn::Min(hn::Max(hn::Mul(v, vinv), lo), hi)), vs, v);
+    const auto d = hn::NegMulAdd(codes(v), vs, v);
     e0 = hn::MulAdd(weighted(d, i), d, e0);
   }
   return hn::GetLane(hn::SumOfLanes(df, hn::Add(e0, e1)));
 }
 
+// The reciprocal QuantizeRows (and LevelCodes) use for scale s.
+HWY_INLINE float Reciprocal(float s) { return s == 0.0f ? 0.0f : 1.0f / s; }
+
 // Exact squared error of scale s (and zero point zp) as QuantizeRows rounds it:
 // codes from the reciprocal 1/s, then the same error pass as a trial's.
 template <bool kWeighted>
 HWY_INLINE float Error(const float* x, const float* c, size_t padded, float s, float zp, float qmin, float qmax) {
-  return TrialError<kWeighted>(x, c, padded, s == 0.0f ? 0.0f : 1.0f / s, s, zp, qmin, qmax);
+  return TrialError<kWeighted>(x, c, padded, EvenGrid(Reciprocal(s), zp, qmin, qmax), s);
 }
 
-// One group (already copied to a zero-padded buffer of `padded` floats; c
-// likewise, when kWeighted).
-template <bool kWeighted>
-void SearchGroup(const float* x, const float* c, size_t g, size_t padded, int bits, bool symmetric, int steps,
-                 float* scale, uint8_t* zp_out) {
+// min(0, min x) and max(0, max x) of a zero-padded group.
+HWY_INLINE void GroupRange(const float* x, size_t padded, float* lo, float* hi) {
   const DF df;
   const size_t n = hn::Lanes(df);
   auto vlo = hn::Zero(df), vhi = hn::Zero(df);
@@ -138,7 +165,17 @@ void SearchGroup(const float* x, const float* c, size_t g, size_t padded, int bi
     vlo = hn::Min(vlo, v);
     vhi = hn::Max(vhi, v);
   }
-  const float lo = hn::GetLane(hn::MinOfLanes(df, vlo)), hi = hn::GetLane(hn::MaxOfLanes(df, vhi));
+  *lo = hn::GetLane(hn::MinOfLanes(df, vlo));
+  *hi = hn::GetLane(hn::MaxOfLanes(df, vhi));
+}
+
+// One group (already copied to a zero-padded buffer of `padded` floats; c
+// likewise, when kWeighted).
+template <bool kWeighted>
+void SearchGroup(const float* x, const float* c, size_t g, size_t padded, int bits, bool symmetric, int steps,
+                 float* scale, uint8_t* zp_out) {
+  float lo, hi;
+  GroupRange(x, padded, &lo, &hi);
   float s0;
   int32_t z0;
   ChooseScale(lo, hi, bits, symmetric, &s0, &z0);
@@ -159,10 +196,11 @@ void SearchGroup(const float* x, const float* c, size_t g, size_t padded, int bi
       zp = std::fmin(std::fmax(std::nearbyint(-lo * inv), 0.0f), qmax);
     }
     if (!(std::isfinite(inv)) || inv == 0.0f) continue;
-    const TrialSums t = Trial<kWeighted>(x, c, padded, inv, zp, qmin, qmax);
+    const EvenGrid grid(inv, zp, qmin, qmax);
+    const TrialSums t = Trial<kWeighted>(x, c, padded, grid);
     if (!(t.ll > 0.0f)) continue;
     const float ls = t.xl / t.ll;  // least-squares scale for these codes
-    const float err = TrialError<kWeighted>(x, c, padded, inv, ls, zp, qmin, qmax);
+    const float err = TrialError<kWeighted>(x, c, padded, grid, ls);
     if (err < best_err) {
       best_err = err;
       best_s = ls;
@@ -181,12 +219,106 @@ void SearchGroup(const float* x, const float* c, size_t g, size_t padded, int bi
       win_s = s;
       win_z = best_z;
     }
-    const TrialSums t = Trial<kWeighted>(x, c, padded, 1.0f / s, best_z, qmin, qmax);
+    const TrialSums t = Trial<kWeighted>(x, c, padded, EvenGrid(1.0f / s, best_z, qmin, qmax));
     if (!(t.ll > 0.0f)) break;
     s = t.xl / t.ll;
   }
   *scale = win_s;
   if (!symmetric) *zp_out = static_cast<uint8_t>(win_z);
+}
+
+// One group on a level table L (scale in the units where code u means L[u] *
+// scale): the same search with the level grid. The range rule maps the
+// largest-magnitude value m to the table's most negative level L[0] (as the
+// even grid's symmetric rule maps it to -2^(b-1)); trials scale the reciprocal
+// by 1 + 0.0125 i (0.1 int4 code steps, as above) around it and around the map
+// of m to the most positive level L[15] (tables need not be symmetric).
+template <bool kWeighted>
+void SearchGroupLevels(const float* x, const float* c, size_t padded, const float* levels, const LevelVectors& table,
+                       int steps, float* scale) {
+  float lo, hi;
+  GroupRange(x, padded, &lo, &hi);
+  const float m = (-lo >= hi) ? lo : hi;
+  const float s0 = m / levels[0];
+  *scale = std::fabs(s0) >= FLT_MIN && std::isfinite(s0) ? s0 : 0.0f;
+  if (*scale == 0.0f) return;  // degenerate group: every code reads 0 * scale
+  float best_err = HUGE_VALF, best_s = s0;
+  for (const float end : {levels[0], levels[15]}) {
+    for (int i = -steps; i <= steps; ++i) {
+      const float inv = end * (1.0f + 0.0125f * static_cast<float>(i)) / m;
+      if (!(std::isfinite(inv)) || inv == 0.0f) continue;
+      const LevelGrid grid(table, inv);
+      const TrialSums t = Trial<kWeighted>(x, c, padded, grid);
+      if (!(t.ll > 0.0f)) continue;
+      const float ls = t.xl / t.ll;
+      const float err = TrialError<kWeighted>(x, c, padded, grid, ls);
+      if (err < best_err) {
+        best_err = err;
+        best_s = ls;
+      }
+    }
+  }
+  float win_s = s0, win_err = TrialError<kWeighted>(x, c, padded, LevelGrid(table, Reciprocal(s0)), s0);
+  float s = best_s;
+  for (int refine = 0; refine < 3; ++refine) {
+    if (!(std::fabs(s) >= FLT_MIN) || !std::isfinite(s)) break;
+    const LevelGrid grid(table, Reciprocal(s));
+    const float err = TrialError<kWeighted>(x, c, padded, grid, s);
+    if (err < win_err) {
+      win_err = err;
+      win_s = s;
+    }
+    const TrialSums t = Trial<kWeighted>(x, c, padded, grid);
+    if (!(t.ll > 0.0f)) break;
+    s = t.xl / t.ll;
+  }
+  *scale = win_s;
+}
+
+void SearchLevelScalesImpl(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels8, int steps,
+                           const float* importance, float* scales) {
+  const size_t lanes = hn::Lanes(DF());
+  const size_t groups = k / group;
+  const size_t padded = (group + lanes - 1) / lanes * lanes;
+  float levels[16];
+  for (int i = 0; i < 16; ++i) levels[i] = levels8[i];
+  // ~40 trial passes of ~2 ops per weight: chunks of 8 Ki elements.
+  const size_t min_rows = std::max<size_t>(1, (size_t(1) << 13) / std::max<size_t>(1, k));
+  ParallelFor(rows, min_rows, [&](size_t r0, size_t r1) {
+    const LevelVectors table(levels);
+    std::vector<float> buf(padded, 0.0f), cbuf(padded, 0.0f);
+    for (size_t r = r0; r < r1; ++r) {
+      for (size_t j = 0; j < groups; ++j) {
+        const float* src = x + r * k + j * group;
+        for (size_t e = 0; e < group; ++e) buf[e] = std::isfinite(src[e]) ? src[e] : 0.0f;
+        if (importance) {
+          std::copy(importance + j * group, importance + (j + 1) * group, cbuf.begin());
+          SearchGroupLevels<true>(buf.data(), cbuf.data(), padded, levels, table, steps, &scales[r * groups + j]);
+        } else {
+          SearchGroupLevels<false>(buf.data(), nullptr, padded, levels, table, steps, &scales[r * groups + j]);
+        }
+      }
+    }
+  });
+}
+
+// Codes on a level table for given scales: u = the index of the level nearest
+// to x * (1 / scale), ties to the lower one (non-finite x: +-inf to the end
+// levels, NaN as 0 - the callers reject NaN first).
+void LevelCodesImpl(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels8, const float* scales,
+                    uint8_t* codes) {
+  float mid[15];
+  for (int j = 0; j < 15; ++j) mid[j] = 0.5f * (static_cast<float>(levels8[j]) + static_cast<float>(levels8[j + 1]));
+  const size_t groups = k / group;
+  ParallelFor(rows, std::max<size_t>(1, (size_t(1) << 15) / std::max<size_t>(1, k)), [&](size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1; ++r)
+      for (size_t kk = 0; kk < k; ++kk) {
+        const float t = (std::isnan(x[r * k + kk]) ? 0.0f : x[r * k + kk]) * Reciprocal(scales[r * groups + kk / group]);
+        uint8_t u = 0;
+        for (int j = 0; j < 15; ++j) u += t > mid[j];
+        codes[r * k + kk] = u;
+      }
+  });
 }
 
 void SearchScalesImpl(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits,
@@ -224,6 +356,32 @@ HWY_AFTER_NAMESPACE();
 namespace lowbit {
 
 HWY_EXPORT(SearchScalesImpl);
+HWY_EXPORT(SearchLevelScalesImpl);
+HWY_EXPORT(LevelCodesImpl);
+
+static void CheckLevels(const int8_t* levels, size_t k, size_t group) {
+  if (group == 0 || k % group != 0) throw std::invalid_argument("group must divide k");
+  for (int i = 0; i < 16; ++i)
+    if (levels[i] < -127 || (i > 0 && levels[i] <= levels[i - 1]))
+      throw std::invalid_argument("levels must be 16 increasing values in [-127, 127]");
+}
+
+void SearchLevelScales(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels, int steps,
+                       float* scales, const float* importance) {
+  CheckLevels(levels, k, group);
+  if (steps < 0 || steps > 64) throw std::invalid_argument("steps must be in [0, 64]");
+  if (importance)
+    for (size_t i = 0; i < k; ++i)
+      if (!(importance[i] >= 0.0f) || !std::isfinite(importance[i]))
+        throw std::invalid_argument("importance must be finite and >= 0");
+  HWY_DYNAMIC_DISPATCH(SearchLevelScalesImpl)(x, rows, k, group, levels, steps, importance, scales);
+}
+
+void LevelCodes(const float* x, size_t rows, size_t k, size_t group, const int8_t* levels, const float* scales,
+                uint8_t* codes) {
+  CheckLevels(levels, k, group);
+  HWY_DYNAMIC_DISPATCH(LevelCodesImpl)(x, rows, k, group, levels, scales, codes);
+}
 
 void SearchScales(const float* x, size_t rows, size_t k, size_t row_stride, size_t group, int bits, bool symmetric,
                   int steps, float* scales, uint8_t* zps, const float* importance) {

@@ -92,6 +92,24 @@ class TileReader {
   VI cache_[kBits == 3 ? kInt3SuperSteps * kVecs : 1];
 };
 
+// A layer's level table (formats.h "level tables") as bytes L[u] + 128 (so the
+// integer kernels' unsigned-times-signed dot products take them, offset 128),
+// repeated in every 128-bit block: byte shuffles (vpshufb) look up per block.
+HWY_INLINE hn::Vec<hn::Repartition<uint8_t, hn::ScalableTag<int32_t>>> LevelBytes(const int8_t* levels) {
+  alignas(16) uint8_t table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<uint8_t>(levels[i] + 128);
+  return hn::LoadDup128(hn::Repartition<uint8_t, hn::ScalableTag<int32_t>>(), table);
+}
+
+// Codes u (0..15) in the low byte of 32-bit lanes, the other bytes 0, to
+// L[u] + 128: one byte shuffle, and an AND because the zero bytes looked up
+// entry 0.
+HWY_INLINE hn::Vec<hn::ScalableTag<int32_t>> LookupLevelLanes(hn::Vec<hn::ScalableTag<int32_t>> u,
+                                                              hn::Vec<hn::ScalableTag<int32_t>> table) {
+  const hn::ScalableTag<int32_t> di;
+  return hn::And(hn::TableLookupBytes(table, u), hn::Set(di, 0xFF));
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace lowbit
 HWY_AFTER_NAMESPACE();

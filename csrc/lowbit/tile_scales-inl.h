@@ -22,10 +22,11 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 // Offsets of 16 rows: symmetric weights have none stored (all 2^(bits-1)), which
-// saves 4 bytes per group and row of traffic (6% of an int4 g128 GEMV).
+// saves 4 bytes per group and row of traffic (6% of an int4 g128 GEMV). Codes
+// looked up in a level table read as L[u] + 128 (tile_codes-inl.h): offset 128.
 HWY_INLINE hn::Vec<hn::ScalableTag<int32_t>> LoadOffsets(const TiledWeights& w, size_t idx) {
   const hn::ScalableTag<int32_t> di;
-  return w.offsets ? hn::LoadU(di, w.offsets + idx) : hn::Set(di, 1 << (w.bits - 1));
+  return w.offsets ? hn::LoadU(di, w.offsets + idx) : hn::Set(di, w.levels ? 128 : 1 << (w.bits - 1));
 }
 
 // Scales of 16 rows starting at row0 (= 16 t + lane), as float32: stored as

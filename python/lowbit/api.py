@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, GROUP_MULTIPLE, QuantConfig, fit_group, \
+from .config import DEFAULT_GROUP, DEFAULT_LEVELS, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, GROUP_MULTIPLE, QuantConfig, fit_group, \
     storage_bits
 from .nn import QuantLinear
 
@@ -48,7 +48,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
              calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
              *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = True,
              embeddings: Union[None, int, str] = "auto", heads: Optional[int] = 8,
-             scale_dtype: str = DEFAULT_SCALE_DTYPE) -> nn.Module:
+             scale_dtype: str = DEFAULT_SCALE_DTYPE, levels: Optional[str] = DEFAULT_LEVELS) -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
@@ -107,6 +107,12 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         Q4_0's size) or "float32". Every method chooses its codes under the
         rounded scales. The format before this default: ``group_size=128,
         method="rtn", scale_dtype="float32"``.
+      levels: int4 codes on a level table (lowbit.levels; formats.h
+        "level tables"): "t5" (16 levels dense near 0, fitted to heavy-tailed
+        groups; same size and kernels as even int4) or None (16 evenly spaced
+        levels). "auto": "t5" for a data-free ``bits=4`` call with symmetric
+        codes (method "auto" or "mse"), None otherwise (budgets, int8/int3/int2,
+        GPTQ / AWQ and zero points use the even grid).
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -134,6 +140,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         raise ValueError(f"method={method!r} needs calibration_data")
     static = calibration_data is not None and activations == 8
     QuantConfig(8, group_size, symmetric, activations, scale_dtype=scale_dtype)  # validates the settings
+    table = _resolve_levels(levels, bits, symmetric, method)
     targets, skipped = _select(model, include, exclude)
     names = {n for n, _ in targets}
     if isinstance(bits, dict):
@@ -200,7 +207,9 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             p = plans[name]
             _set_module(model, name, QuantLinear.from_linear(mod, QuantConfig(p.bits, p.group_size, symmetric,
                                                                                  activations,
-                                                                                 scale_dtype=p.scale_dtype),
+                                                                                 scale_dtype=p.scale_dtype,
+                                                                                 levels=table if p.bits == 4
+                                                                                 else None),
                                                              method=method, importance=importance.get(name)))
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
@@ -215,6 +224,21 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     if progress and skipped:
         print("lowbit: kept in float: " + ", ".join(f"{n} ({why})" for n, why in skipped), file=sys.stderr)
     return model
+
+
+def _resolve_levels(levels, bits, symmetric: bool, method: str) -> Optional[str]:
+    """The level table of the call's int4 layers (see quantize's ``levels``)."""
+    from .levels import LEVEL_TABLES
+    if levels == "auto":
+        return "t5" if bits == 4 and not isinstance(bits, bool) and symmetric and method in ("auto", "mse") else None
+    if levels is None:
+        return None
+    if levels not in LEVEL_TABLES:
+        raise ValueError(f"levels must be 'auto', None or one of {sorted(LEVEL_TABLES)}, got {levels!r}")
+    if bits != 4 or isinstance(bits, bool) or not symmetric or method not in ("auto", "mse"):
+        raise ValueError(f"levels={levels!r} needs bits=4, symmetric codes and method 'auto' or 'mse' "
+                         f"(got bits={bits!r}, symmetric={symmetric}, method={method!r})")
+    return levels
 
 
 def _report_groups(targets: list, plans: dict, group_size: Optional[int]) -> None:

@@ -27,6 +27,8 @@ SCALE_LABEL = {"float32": "", "float16": " f16-scales", "int8": " int8-scales"}
 DEFAULT_GROUP = 16
 DEFAULT_METHOD = "auto"  # mse for int4 layers, rtn for int8 (config.resolve_method)
 DEFAULT_SCALE_DTYPE = "int8"
+# Level table of a data-free bits=4 call (api._resolve_levels; lowbit.levels).
+DEFAULT_LEVELS = None
 
 
 def fit_group(group_size: Optional[int], in_features: int, multiple: int) -> Optional[int]:
@@ -77,7 +79,9 @@ class QuantConfig:
     int8 activations and integer kernels). scale_dtype: "float32", "float16" or
     "int8" (int8/int4 tiles only; float16: half the scale bytes, int4 g32 at 4.5
     bits/weight; int8: codes times one float32 scale per row, int4 g16 at
-    4.5 + 32 / K; the codes are chosen under the rounded scales).
+    4.5 + 32 / K; the codes are chosen under the rounded scales). levels: None
+    (evenly spaced codes) or the name of a level table (lowbit.levels, e.g.
+    "t5"): symmetric int4 codes mean the table's 16 uneven levels.
     """
 
     bits: int = 4
@@ -86,6 +90,7 @@ class QuantConfig:
     act_bits: Optional[int] = None
     code_bits: Optional[int] = None  # codes narrower than the tiles (3 or 2 bits in int4 tiles: older files)
     scale_dtype: str = "float32"
+    levels: Optional[str] = None
 
     def __post_init__(self):
         if self.bits not in LAYER_BITS:
@@ -102,15 +107,22 @@ class QuantConfig:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         if self.bits == 2 and self.scale_dtype != "float32":
             raise ValueError("2-bit layers (packed rows) keep float32 scales")
+        if self.levels is not None:
+            from .levels import level_table
+            level_table(self.levels)  # a known name
+            if self.bits != 4 or not self.symmetric or self.code_bits not in (None, 4):
+                raise ValueError("levels need symmetric int4 layers")
 
     def for_features(self, in_features: int) -> "QuantConfig":
         """This config with the group size fitted to in_features (see fit_group)."""
         g = fit_group(self.group_size, in_features, GROUP_MULTIPLE[self.bits])
-        return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits, self.scale_dtype)
+        return QuantConfig(self.bits, g, self.symmetric, self.act_bits, self.code_bits, self.scale_dtype,
+                           self.levels)
 
     @property
     def label(self) -> str:
         cb = self.code_bits or self.bits
         w = f"W{cb}" + ("A8" if self.act_bits == 8 else "") + (f"(int{self.bits})" if cb != self.bits else "")
         g = "per-row" if self.group_size is None else f"g{self.group_size}"
-        return f"{w} {g}{'' if self.symmetric else ' asym'}{SCALE_LABEL[self.scale_dtype]}"
+        lv = "" if self.levels is None else f" {self.levels}-levels"
+        return f"{w} {g}{'' if self.symmetric else ' asym'}{SCALE_LABEL[self.scale_dtype]}{lv}"

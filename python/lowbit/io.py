@@ -15,7 +15,8 @@ Byte layout of a lowbit file (all integers little-endian):
                     ``scales``: each a multiple of 64 bytes by construction of
                     the tiled layout, so each starts 64-byte aligned in the
                     file and in an mmap of it), then the float16 / int8
-                    ``scales`` (multiples of 32 / 16 bytes), then the int2
+                    ``scales`` (multiples of 32 / 16 bytes), then the 16-byte
+                    level tables (``levels``), then the int2
                     layers (packed rows + scales, adjacent per layer), then the
                     remaining tensors (biases, norms, embeddings, ...).
 
@@ -29,7 +30,9 @@ where the lowbit JSON is::
               "bits" (8, 4, 3: tiled-v1 tiles; 2: formats.h packed rows), "code_bits" (<= bits), "group_size" (null = per row), "symmetric", "act_bits",
               "orig_dtype", "bias", "act_scale" (0: dynamic activations),
               "scale_dtype" (only when not float32: "float16", the tiles' scales are F16;
-              "int8", they are I8 codes with F32 "row_scales", formats.h)}},
+              "int8", they are I8 codes with F32 "row_scales", formats.h),
+              "levels" (only for int4 codes on a level table: its name, e.g. "t5"; the
+              16 int8 levels are the layer's I8 tensor "levels", formats.h "level tables")}},
    "aliases": {"<key>": "<key it shares storage with>"},
    "crc32": {"<tensor name>": crc32 of its bytes}}
 
@@ -136,6 +139,8 @@ def expected_packed_shapes(meta: dict) -> dict:
         shapes["offsets"] = ("I32", (tiles, ngroups, TILE_ROWS))
     if scale_dtype == "int8":  # the codes' per-row float32 scales
         shapes["row_scales"] = ("F32", (tiles * TILE_ROWS,))
+    if meta.get("levels") is not None:  # formats.h "level tables"
+        shapes["levels"] = ("I8", (16,))
     return shapes
 
 
@@ -174,7 +179,7 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
     layers = {}
     # Tiled QuantLinear tensors that are 64-byte multiples, then the float16 /
     # int8 scales (multiples of 32 / 16 bytes), then int2 rows; module order.
-    first, narrow, second = [], [], []
+    first, narrow, tables, second = [], [], [], []
     from .nn import FusedProjection, QuantEmbedding, TiedQuantEmbedding
     if any(isinstance(m, FusedProjection) for m in model.modules()):
         raise ValueError("model has fused projections (lowbit.fuse_projections): save it before fusing, "
@@ -199,12 +204,16 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
                                 act_scale=float(mod.act_scale))
             if c.scale_dtype != "float32":  # only then: older readers refuse what they cannot run
                 layers[name]["scale_dtype"] = c.scale_dtype
+            if c.levels is not None:  # likewise
+                layers[name]["levels"] = c.levels
             key = (lambda k: f"{name}.{k}") if name else (lambda k: k)
             if c.bits == 2:
                 second.extend(key(k) for k in ("data", "scales"))
             else:
                 first.extend(key(k) for k in ("data", "offsets", "row_scales"))
                 (first if c.scale_dtype == "float32" else narrow).append(key("scales"))
+                if c.levels is not None:
+                    tables.append(key("levels"))
     state = model.state_dict()
     tensors, aliases, seen = {}, {}, {}
     for key, t in state.items():
@@ -221,7 +230,7 @@ def save(model, path, *, metadata: Optional[dict] = None) -> int:
             continue
         seen[ident] = key
         tensors[key] = t
-    lead = first + narrow + second
+    lead = first + narrow + tables + second
     order = [k for k in lead if k in tensors] + [k for k in tensors if k not in set(lead)]
     arrays = {k: _bytes_view(tensors[k]) for k in order}
     crcs = {k: zlib.crc32(arrays[k]) for k in order}
@@ -437,15 +446,24 @@ def _check_tied(where: str, m: dict, layers: dict) -> None:
     _check_padding_and_dtype(where, m, head["out_features"])
 
 
+def _level_names() -> set:
+    from .levels import LEVEL_TABLES
+    return set(LEVEL_TABLES)
+
+
 def _check_layer(path: str, name: str, m, tensors: dict, layers: Optional[dict] = None) -> None:
     where = f"{path}: layer {name!r}"
     if isinstance(m, dict) and m.get("module") == "QuantEmbedding" and name:
         return _check_embedding(where, name, m, tensors)
     if isinstance(m, dict) and m.get("module") == "TiedQuantEmbedding" and name:
         return _check_tied(where, m, layers or {})
-    if not isinstance(m, dict) or set(m) - {"scale_dtype"} != _LAYER_FIELDS:
+    if not isinstance(m, dict) or set(m) - {"scale_dtype", "levels"} != _LAYER_FIELDS:
         raise FormatError(f"{where}: metadata must have exactly the fields {sorted(_LAYER_FIELDS)} "
-                          f"(and optionally scale_dtype)")
+                          f"(and optionally scale_dtype, levels)")
+    if m.get("levels") is not None and (m.get("levels") not in _level_names() or m["bits"] != 4
+                                        or m["symmetric"] is not True or m["code_bits"] != 4):
+        raise FormatError(f"{where}: levels must name a level table ({sorted(_level_names())}) of a symmetric "
+                          f"int4 layer, got {m.get('levels')!r}")
     if m.get("scale_dtype", "float32") not in SCALE_DTYPES or \
             (m.get("scale_dtype", "float32") != "float32" and m["bits"] == 2):
         raise FormatError(f"{where}: scale_dtype must be float32, or float16 / int8 for int8/int4/int3 layers")
@@ -629,7 +647,7 @@ def load(path, model=None, *, stream: bool = False, max_resident_bytes: Optional
                                  f"to take the file's layer, got {old!r}")
             cfg = QuantConfig(m["bits"], m["group_size"], m["symmetric"], m["act_bits"],
                               None if m["code_bits"] == m["bits"] else m["code_bits"],
-                              m.get("scale_dtype", "float32"))
+                              m.get("scale_dtype", "float32"), m.get("levels"))
             replacements[name] = QuantLinear(m["in_features"], m["out_features"], m["bias"], cfg,
                                              dtype=getattr(torch, m["orig_dtype"]),
                                              has_input_scale=f"{name}.input_scale" in info.tensors)

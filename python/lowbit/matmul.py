@@ -45,6 +45,7 @@ class PackedWeights:
     group_size: Optional[int]  # None: per row
     symmetric: bool
     row_scales: Optional[np.ndarray] = None  # float32 [tiles * 16] with int8 scale codes, else None
+    levels: Optional[np.ndarray] = None      # int8 [16] level table of int4 codes (formats.h "level tables")
 
     def __post_init__(self):
         # Cheap (~1 us; the torch ops build one per call) but complete: a
@@ -76,20 +77,28 @@ class PackedWeights:
             raise ValueError("PackedWeights.offsets must be None exactly when symmetric")
         if self.offsets is not None:
             _field(self.offsets, "offsets", I32, groups)
+        if self.levels is not None:
+            _field(self.levels, "levels", I8, (16,))
+            if self.bits != 4 or not self.symmetric:
+                raise ValueError("PackedWeights.levels need symmetric int4 weights")
+            if not np.all(np.diff(self.levels.astype(np.int32)) > 0) or int(self.levels[0]) < -127:
+                raise ValueError("PackedWeights.levels must be 16 increasing values in [-127, 127]")
 
     @classmethod
-    def _unchecked(cls, data, scales, offsets, shape, bits, group_size, symmetric, row_scales=None) -> "PackedWeights":
+    def _unchecked(cls, data, scales, offsets, shape, bits, group_size, symmetric, row_scales=None,
+                   levels=None) -> "PackedWeights":
         """For the torch ops' per-call wrapping of a layer's own buffers (checked when
         they were stored; the bindings check sizes again): skips __post_init__'s ~2 us."""
         obj = object.__new__(cls)
         obj.__dict__.update(data=data, scales=scales, offsets=offsets, shape=shape, bits=bits,
-                            group_size=group_size, symmetric=symmetric, row_scales=row_scales)
+                            group_size=group_size, symmetric=symmetric, row_scales=row_scales, levels=levels)
         return obj
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes) + \
-            (0 if self.row_scales is None else self.row_scales.nbytes)
+            (0 if self.row_scales is None else self.row_scales.nbytes) + \
+            (0 if self.levels is None else self.levels.nbytes)
 
     @property
     def bits_per_weight(self) -> float:
@@ -117,7 +126,8 @@ class PackedWeights:
         return f"PackedWeights(shape={self.shape}, int{self.bits}, {g}, {self.nbytes} bytes)"
 
 
-def pack_weights(q: QArray, scale_dtype: str = "float32", bits: Optional[int] = None) -> PackedWeights:
+def pack_weights(q: QArray, scale_dtype: str = "float32", bits: Optional[int] = None,
+                 levels=None) -> PackedWeights:
     """Rearrange a 2-D int8/int4 QArray [N, K] into the matmul kernels' tiled layout.
 
     scale_dtype: "float32" (default), "float16" (half the scale bytes: int4 g32
@@ -128,6 +138,9 @@ def pack_weights(q: QArray, scale_dtype: str = "float32", bits: Optional[int] = 
     bits: the tiles' code width, q.bits by default; 3 packs an int4 QArray whose
     codes fit 3 bits (symmetric codes in [-4, 3], or codes and zero points in
     [0, 7]: lowbit.quantize's 3-bit layers) into int3 tiles, 3 bits per weight.
+    levels: a level table (formats.h "level tables": 16 increasing int8 values,
+    e.g. ``lowbit.levels.level_table("t5")``) for a symmetric int4 q:
+    code q then means levels[q + 8] * scale instead of q * scale.
 
     >>> import numpy as np, lowbit
     >>> w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
@@ -183,7 +196,11 @@ def pack_weights(q: QArray, scale_dtype: str = "float32", bits: Optional[int] = 
         tscales = np.ascontiguousarray(padded.reshape(tiles, TILE_ROWS, ngroups).transpose(0, 2, 1))
         row_scales = np.zeros(tiles * TILE_ROWS, np.float32)
         row_scales[:n] = d
-    return PackedWeights(data, tscales, toffs, (n, k), tile_bits, group, q.symmetric, row_scales)
+    if levels is not None:
+        levels = np.ascontiguousarray(levels)
+        if levels.dtype != np.int8 or levels.shape != (16,):
+            raise ValueError(f"levels must be an int8 array of 16 values, got {levels.dtype} {levels.shape}")
+    return PackedWeights(data, tscales, toffs, (n, k), tile_bits, group, q.symmetric, row_scales, levels)
 
 
 def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *, bias=None,
@@ -256,7 +273,7 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
     group = w._group
     if act_bits == 8:
         if not _C.matmul_quant_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias,
-                                   float(np.float32(act_scale)) if act_scale else 0.0, w.row_scales):
+                                   float(np.float32(act_scale)) if act_scale else 0.0, w.row_scales, w.levels):
             raise ValueError("x contains NaN")
     else:
         if w.kp != k:  # the kernels read whole k-steps: zero-pad the columns
@@ -264,7 +281,7 @@ def matmul(x, w: Union[PackedWeights, QArray], act_bits: Optional[int] = None, *
             padded[:, :k] = x2
             x2 = padded
         _C.matmul_float_act(x2, w.bits, n, k, group, w.data, w.scales.reshape(-1), w._offsets_flat, out, bias,
-                            w.row_scales)
+                            w.row_scales, w.levels)
     return out[0] if vector else out
 
 
@@ -276,5 +293,6 @@ def dequantize_packed(w: PackedWeights) -> np.ndarray:
         raise TypeError(f"w must be PackedWeights, got {type(w).__name__}")
     n, k = w.shape
     out = np.empty((n, k), np.float32)
-    _C.dequantize_tiled(w.bits, n, k, w._group, w.data, w.scales.reshape(-1), w._offsets_flat, out, w.row_scales)
+    _C.dequantize_tiled(w.bits, n, k, w._group, w.data, w.scales.reshape(-1), w._offsets_flat, out, w.row_scales,
+                        w.levels)
     return out

@@ -7,8 +7,8 @@ links libtorch and one wheel serves every torch >= 2.4.
 Ops (namespace ``lowbit``):
   quantize(x, bits, group_size, symmetric) -> (packed, scales, zero_points)
   dequantize(packed, scales, zero_points, k, bits, group_size, symmetric, dtype) -> x
-  linear(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales) -> y
-  linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size, row_scales) -> grad_x
+  linear(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales, levels) -> y
+  linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size, row_scales, levels) -> grad_x
   (scales float32 / float16, or int8 codes with row_scales float32 [tiles * 16]: formats.h "scale dtype")
   fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, group_size) -> y  (STE gradient)
   fake_quantize_learnable(x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor) -> y
@@ -45,10 +45,11 @@ def _group(group_size: int, k: int):
     return None if group_size in (0, k) else group_size
 
 
-def _packed(data, scales, offsets, n, k, bits, group_size, row_scales=None) -> PackedWeights:
+def _packed(data, scales, offsets, n, k, bits, group_size, row_scales=None, levels=None) -> PackedWeights:
     g = _group(group_size, k)
     return PackedWeights._unchecked(_np(data), _np(scales), None if offsets is None else _np(offsets), (n, k),
-                                    bits, g, offsets is None, None if row_scales is None else _np(row_scales))
+                                    bits, g, offsets is None, None if row_scales is None else _np(row_scales),
+                                    None if levels is None else _np(levels))
 
 
 # ---------------------------------------------------------------- quantize / dequantize
@@ -105,12 +106,12 @@ def _(packed, scales, zero_points, k, bits, group_size, symmetric, dtype):
 # ---------------------------------------------------------------- linear
 def linear_impl(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
                 n: int, k: int, bits: int, group_size: int, act_bits: int, act_scale: float = 0.0,
-                row_scales: Optional[Tensor] = None) -> Tensor:
+                row_scales: Optional[Tensor] = None, levels: Optional[Tensor] = None) -> Tensor:
     """The body of lowbit::linear; QuantLinear calls it directly in eager inference,
     where the custom-op dispatch (~100 us) would cost more than a small layer."""
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the layer expects {k}")
-    w = _packed(data, scales, offsets, n, k, bits, group_size, row_scales)
+    w = _packed(data, scales, offsets, n, k, bits, group_size, row_scales, levels)
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:
         x2 = x2.float()
@@ -123,43 +124,48 @@ def linear_impl(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tenso
 @torch.library.custom_op("lowbit::linear", mutates_args=())
 def linear(x: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], bias: Optional[Tensor],
            n: int, k: int, bits: int, group_size: int, act_bits: int, act_scale: float = 0.0,
-           row_scales: Optional[Tensor] = None) -> Tensor:
+           row_scales: Optional[Tensor] = None, levels: Optional[Tensor] = None) -> Tensor:
     """y = x @ dequant(W).T (+ bias) over tiled weights (lowbit.pack_weights), in x's dtype.
-    act_scale > 0: static int8 activation scale (calibrated); 0: per-token dynamic."""
-    return linear_impl(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales)
+    act_scale > 0: static int8 activation scale (calibrated); 0: per-token dynamic.
+    levels: int8 [16] level table of int4 codes (formats.h "level tables"), or None."""
+    return linear_impl(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales,
+                       levels)
 
 
 @linear.register_fake
-def _(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale=0.0, row_scales=None):
+def _(x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale=0.0, row_scales=None,
+      levels=None):
     torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, the layer expects {k}")
     return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.custom_op("lowbit::linear_grad_input", mutates_args=())
 def linear_grad_input(grad: Tensor, data: Tensor, scales: Tensor, offsets: Optional[Tensor], n: int, k: int,
-                      bits: int, group_size: int, row_scales: Optional[Tensor] = None) -> Tensor:
+                      bits: int, group_size: int, row_scales: Optional[Tensor] = None,
+                      levels: Optional[Tensor] = None) -> Tensor:
     """grad @ dequant(W): the input gradient of lowbit::linear (the weights stay frozen)."""
-    w = torch.from_numpy(dequantize_packed(_packed(data, scales, offsets, n, k, bits, group_size, row_scales)))
+    w = torch.from_numpy(dequantize_packed(_packed(data, scales, offsets, n, k, bits, group_size, row_scales,
+                                                   levels)))
     return (grad.reshape(-1, n).float() @ w).to(grad.dtype).reshape(*grad.shape[:-1], k)
 
 
 @linear_grad_input.register_fake
-def _(grad, data, scales, offsets, n, k, bits, group_size, row_scales=None):
+def _(grad, data, scales, offsets, n, k, bits, group_size, row_scales=None, levels=None):
     return grad.new_empty((*grad.shape[:-1], k))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales = inputs
-    ctx.save_for_backward(data, scales, offsets, row_scales)
+    x, data, scales, offsets, bias, n, k, bits, group_size, act_bits, act_scale, row_scales, levels = inputs
+    ctx.save_for_backward(data, scales, offsets, row_scales, levels)
     ctx.meta = (n, k, bits, group_size, bias is not None)
 
 
 def _linear_backward(ctx, grad):
-    data, scales, offsets, row_scales = ctx.saved_tensors
+    data, scales, offsets, row_scales, levels = ctx.saved_tensors
     n, k, bits, group_size, has_bias = ctx.meta
-    gx = torch.ops.lowbit.linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size, row_scales)
+    gx = torch.ops.lowbit.linear_grad_input(grad, data, scales, offsets, n, k, bits, group_size, row_scales, levels)
     gb = grad.reshape(-1, n).sum(0) if has_bias and ctx.needs_input_grad[4] else None
-    return gx, None, None, None, gb, None, None, None, None, None, None, None
+    return gx, None, None, None, gb, None, None, None, None, None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -499,5 +499,23 @@ def dequantize_tiled(w) -> np.ndarray:
         scales = scales * w.row_scales[:, None]
     offs = (np.full(scales.shape, 1 << (w.bits - 1), np.int32) if w.offsets is None else per_row(w.offsets))
     g = kp if ngroups == 1 else w.group_size
-    vals = (u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]).astype(np.float32) * scales[:, :, None]
+    if getattr(w, "levels", None) is not None:  # formats.h "level tables": code u means L[u]
+        ints = w.levels.astype(np.int32)[u.astype(np.int32)].reshape(-1, ngroups, g)
+    else:
+        ints = u.astype(np.int32).reshape(-1, ngroups, g) - offs[:, :, None]
+    vals = ints.astype(np.float32) * scales[:, :, None]
     return np.ascontiguousarray(vals.reshape(tiles * TILE_ROWS, kp)[:n, :k])
+
+
+def level_codes(x, levels, group_size, scales) -> np.ndarray:
+    """The spec of _C.level_codes: for float32 x [rows, K] and scales [rows, K /
+    group], the index of the level nearest to x * (1 / scale) in float32 (ties to
+    the lower level; scale 0 reads every x as 0)."""
+    x = np.asarray(x, np.float32)
+    rows, k = x.shape
+    s = np.asarray(scales, np.float32).reshape(rows, k // group_size)
+    inv = np.where(s == 0, np.float32(0), np.float32(1) / np.where(s == 0, np.float32(1), s)).astype(np.float32)
+    t = (x.reshape(rows, k // group_size, group_size) * inv[:, :, None]).reshape(rows, k)
+    lv = np.asarray(levels, np.float32)
+    mids = (np.float32(0.5) * (lv[1:] + lv[:-1])).astype(np.float32)
+    return (t[..., None] > mids).sum(-1).astype(np.uint8)

@@ -33,6 +33,9 @@ def hf_logits(model, ids):
 
 FORMATS = {
     "default int4": dict(bits=4),
+    "int4 t5 levels": dict(bits=4, levels="t5"),
+    "int4 even grid": dict(bits=4, levels=None),
+    "W4A8 t5 levels": dict(bits=4, activations=8, levels="t5"),
     "int8 per row": dict(bits=8, group_size=None),
     "W4A8": dict(bits=4, activations=8),
     "int4 g32 asym float32 rtn": dict(bits=4, group_size=32, symmetric=False, method="rtn", scale_dtype="float32"),

@@ -58,9 +58,9 @@ def _layer_spec(layer, col: int, name: str) -> dict:
     if c.act_bits not in (None, 0, 8):
         raise ValueError(f"{name}: activation bits {c.act_bits} are not supported (float or 8)")
     # The same views (and group rule) the layer's own eager forward hands the kernels.
-    _, data, scales, offsets, group, bias, _, row_scales = layer._kernel_args()
+    _, data, scales, offsets, group, bias, _, row_scales, levels = layer._kernel_args()
     return dict(bits=c.bits, n=layer.out_features, k=layer.in_features, group=group, data=data, scales=scales,
-                offsets=offsets, row_scales=row_scales, bias=bias,
+                offsets=offsets, row_scales=row_scales, levels=levels, bias=bias,
                 input_scale=None if layer.input_scale is None else _f32(layer.input_scale),
                 act_bits=c.act_bits or 0, act_scale=float(np.float32(layer.act_scale)), col=col)
 

@@ -74,6 +74,7 @@ def _fusable(mods) -> bool:
     return c.bits in (3, 4, 8) and all(
         m.in_features == a.in_features and m.config == c and m.out_features % TILE_ROWS == 0 and not m.act_scale
         and m.input_scale is None and (m.bias is None) == (a.bias is None) and m.orig_dtype == a.orig_dtype
+        and (m.levels is None or torch.equal(m.levels, a.levels))  # one table for the fused layer
         for m in mods)
 
 
@@ -87,6 +88,7 @@ def fuse(mods) -> QuantLinear:
     out.offsets = None if a.offsets is None else torch.cat([m.offsets for m in mods])
     # Whole tiles only (_fusable), so the members' row scales line up end to end.
     out.row_scales = None if a.row_scales is None else torch.cat([m.row_scales for m in mods])
+    out.levels = None if a.levels is None else a.levels.clone()
     if a.bias is not None:
         out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]),
                                 requires_grad=any(m.bias.requires_grad for m in mods))

@@ -59,6 +59,15 @@ def _warn_int2_once() -> None:
         _warned_int2 = True
 
 
+def _table_name(levels: np.ndarray) -> str:
+    """The name of a known level table (lowbit.levels) with these values."""
+    from ..levels import LEVEL_TABLES
+    for name, values in LEVEL_TABLES.items():
+        if tuple(int(v) for v in levels) == values:
+            return name
+    raise ValueError(f"levels {list(levels)} are not a known level table ({sorted(LEVEL_TABLES)})")
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h), or
     as packed int2 rows (dequantized per call: smaller, not faster).
@@ -81,6 +90,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", None if self.config.symmetric else torch.empty(0, dtype=torch.int32))
         # int8 scale codes come with one float32 scale per row (formats.h "scale dtype").
         self.register_buffer("row_scales", torch.empty(0) if self.config.scale_dtype == "int8" else None)
+        # A level table's 16 int8 levels (formats.h "level tables"; lowbit.load fills them).
+        self.register_buffer("levels", None if self.config.levels is None else torch.zeros(16, dtype=torch.int8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.orig_dtype = dtype
         # Static int8 activation scale from calibration (W8A8/W4A8 static); 0: dynamic.
@@ -101,6 +112,14 @@ class QuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         resolved = resolve_method(method, c.bits)
+        if c.levels is not None:  # no level-table QArray: the layer algorithm gives the codes
+            from ..levels import level_table
+            from ..calibrate.weights import mse_levels
+            if resolved != "mse":
+                raise ValueError(f"levels={c.levels!r} layers are quantized with method 'mse' or 'auto', "
+                                 f"not {method!r}")
+            q = mse_levels(w, c.group_size, level_table(c.levels), scale_dtype=c.scale_dtype, importance=importance)
+            return cls.from_quantized(q, linear.bias, c, dtype=w.dtype)
         if c.bits == 3:  # no 3-bit QArray: the layer algorithms give the codes
             from ..calibrate.weights import mse, rtn
             q = mse(w, 3, c.group_size, c.symmetric, scale_dtype=c.scale_dtype, importance=importance) \
@@ -112,13 +131,18 @@ class QuantLinear(nn.Module):
         mod._copy_bias(linear.bias)
         return mod
 
-    def _store(self, q: QArray) -> None:
+    def _store(self, q: QArray, levels: Optional[np.ndarray] = None) -> None:
         """Hold q's codes in this layer's format: packed rows for int2, tiles otherwise
-        (int3 tiles from an int4 QArray whose codes fit 3 bits)."""
+        (int3 tiles from an int4 QArray whose codes fit 3 bits; levels: the level
+        table of a levels layer)."""
         if self.config.bits == 2:
             self.data, self.scales = torch.from_numpy(q.packed), torch.from_numpy(q.scales)
             return
-        pw = pack_weights(q, self.config.scale_dtype, bits=self.config.bits)
+        if (levels is None) != (self.config.levels is None):
+            raise ValueError(f"a {self.config.label} layer needs " +
+                             ("its level table" if levels is None else "no level table"))
+        pw = pack_weights(q, self.config.scale_dtype, bits=self.config.bits, levels=levels)
+        self.levels = None if pw.levels is None else torch.from_numpy(pw.levels.copy())
         self.data = torch.from_numpy(pw.data)
         self.scales = torch.from_numpy(pw.scales)
         self.offsets = None if pw.offsets is None else torch.from_numpy(pw.offsets)
@@ -137,7 +161,9 @@ class QuantLinear(nn.Module):
         narrower codes into a given config's wider tiles)."""
         n, k = q.codes.shape
         storage = storage_bits(q.bits)
-        cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None)
+        levels = getattr(q, "levels", None)
+        cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None,
+                                    levels=None if levels is None else _table_name(levels))
         # Or wider tiles that say the codes' width (int4 tiles with code_bits=3: files before int3 tiles).
         wider = cfg.bits in (4, 8) and cfg.code_bits == q.bits < cfg.bits
         if (cfg.bits != storage and not wider) or cfg.group_size != q.group_size or \
@@ -152,7 +178,7 @@ class QuantLinear(nn.Module):
         held = 4 if cfg.bits == 3 else cfg.bits  # int3 tiles are packed from an int4 QArray
         mod._store(QArray(pack(q.codes.numpy().astype(np.int32), held), q.scales.numpy().astype(np.float32),
                           None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k),
-                          held, q.group_size, q.zero_points is None))
+                          held, q.group_size, q.zero_points is None), levels)
         mod._copy_bias(bias)
         if q.input_scale is not None:
             mod.input_scale = q.input_scale.float().clone()
@@ -192,7 +218,7 @@ class QuantLinear(nn.Module):
             return self._forward_eager(x)
         return torch.ops.lowbit.linear(x, self.data, self.scales, self.offsets, self.bias, self.out_features,
                                        self.in_features, c.bits, c.group_size or 0, c.act_bits or 0, self.act_scale,
-                                       self.row_scales)
+                                       self.row_scales, self.levels)
 
     def _kernel_args(self) -> tuple:
         """NumPy views of the tiles (and bias) for the kernels, rebuilt only when a
@@ -201,7 +227,8 @@ class QuantLinear(nn.Module):
         key = (self.data.data_ptr(), self.scales.data_ptr(),
                None if self.offsets is None else self.offsets.data_ptr(),
                None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype),
-               None if self.row_scales is None else self.row_scales.data_ptr())
+               None if self.row_scales is None else self.row_scales.data_ptr(),
+               None if self.levels is None else self.levels.data_ptr())
         cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
             c = self.config
@@ -213,7 +240,8 @@ class QuantLinear(nn.Module):
             kp = (k + KSTEP[c.bits] - 1) // KSTEP[c.bits] * KSTEP[c.bits]
             cached = (key, ops._np(self.data), ops._np(self.scales).reshape(-1),
                       None if self.offsets is None else ops._np(self.offsets).reshape(-1), group, bias, kp,
-                      None if self.row_scales is None else ops._np(self.row_scales))
+                      None if self.row_scales is None else ops._np(self.row_scales),
+                      None if self.levels is None else ops._np(self.levels))
             self.__dict__["_kernel_cache"] = cached
         return cached
 
@@ -222,7 +250,7 @@ class QuantLinear(nn.Module):
         steps in between (decode runs ~200 of these per token on a small LM)."""
         if not _checked_threads:
             _check_thread_policy()
-        _, data, scales, offsets, group, bias, kp, row_scales = self._kernel_args()
+        _, data, scales, offsets, group, bias, kp, row_scales, levels = self._kernel_args()
         c, n, k = self.config, self.out_features, self.in_features
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features, the layer expects {k}")
@@ -235,13 +263,13 @@ class QuantLinear(nn.Module):
             if c.act_bits == 8:
                 x2 = x2.contiguous()
                 if not _C.matmul_quant_act(x2.numpy(), c.bits, n, k, group, data, scales, offsets, out.numpy(),
-                                           bias, float(np.float32(self.act_scale)), row_scales):
+                                           bias, float(np.float32(self.act_scale)), row_scales, levels):
                     raise ValueError("x contains NaN")
             else:
                 if kp != k:  # the kernels read whole k-steps: zero-pad the columns
                     x2 = torch.nn.functional.pad(x2, (0, kp - k))
                 _C.matmul_float_act(x2.contiguous().numpy(), c.bits, n, k, group, data, scales, offsets,
-                                    out.numpy(), bias, row_scales)
+                                    out.numpy(), bias, row_scales, levels)
         out = out if x.dtype == torch.float32 else out.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
 
@@ -263,7 +291,8 @@ class QuantLinear(nn.Module):
         return PackedWeights(self.data.numpy(), self.scales.numpy(),
                              None if self.offsets is None else self.offsets.numpy(),
                              (self.out_features, self.in_features), c.bits, c.group_size, self.offsets is None,
-                             None if self.row_scales is None else self.row_scales.numpy())
+                             None if self.row_scales is None else self.row_scales.numpy(),
+                             None if self.levels is None else self.levels.numpy())
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -280,7 +309,8 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         n = self.data.numel() + self.scales.numel() * self.scales.element_size() + \
             (0 if self.offsets is None else 4 * self.offsets.numel()) + \
-            (0 if self.row_scales is None else 4 * self.row_scales.numel())
+            (0 if self.row_scales is None else 4 * self.row_scales.numel()) + \
+            (0 if self.levels is None else self.levels.numel())
         n += 0 if self.input_scale is None else 4 * self.input_scale.numel()
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 

@@ -1,0 +1,73 @@
+"""Layers on level tables (formats.h "level tables"): lowbit.quantize(levels=...),
+the autograd op, save/load, fused projections and bad settings."""
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.levels import level_table
+
+T5 = level_table("t5")
+
+
+def test_level_layers_end_to_end(tmp_path, rng):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = model(x)
+    lowbit.quantize(model, bits=4, levels="t5", progress=False)
+    layer = model[0]
+    assert layer.config.levels == "t5" and torch.equal(layer.levels, torch.from_numpy(T5))
+    assert "t5-levels" in layer.config.label
+    with torch.no_grad():
+        got = model(x)
+        ref_out = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(model[0](x), ref_out, rtol=1e-4, atol=1e-4)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    # The autograd path (torch.ops.lowbit.linear) computes the same.
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)
+    torch.testing.assert_close(y.detach(), got, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    path = os.path.join(tmp_path, "m.safetensors")
+    lowbit.save(model, path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    loaded = lowbit.load(path, fresh)
+    assert loaded[0].config.levels == "t5"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+
+
+def test_level_layers_fuse(rng):
+    from lowbit.nn.fused import fuse_projections
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(128, 64, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+
+    torch.manual_seed(1)
+    m = lowbit.quantize(Attn(), bits=4, levels="t5", progress=False)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        want = m(x)
+        assert fuse_projections(m)
+        torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+
+
+def test_level_settings_bad_input():
+    with pytest.raises(ValueError, match="levels must be one of"):
+        lowbit.QuantConfig(levels="t7")
+    with pytest.raises(ValueError, match="symmetric int4"):
+        lowbit.QuantConfig(bits=8, levels="t5")
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="needs bits=4"):
+        lowbit.quantize(lin, bits=8, levels="t5", progress=False)
+    with pytest.raises(ValueError, match="levels must be 'auto', None or one of"):
+        lowbit.quantize(lin, bits=4, levels="nf4", progress=False)

@@ -44,6 +44,8 @@ VARIANTS = {  # name -> (float dtype, lowbit.quantize kwargs or None)
     # The same quantized models decoded by lowbit.NativeDecoder (one C++ call per token).
     "lowbit int4 native": ("float32", dict(bits=4)),
     "lowbit W4A8 native": ("float32", dict(bits=4, activations=8)),
+    # The default before level tables (evenly spaced int4 codes), for the ratio.
+    "lowbit int4 even native": ("float32", dict(bits=4, levels=None)),
     # The 3.5 bits/weight class (--int3): int3 tiles at the default g16 with int8
     # scale codes (3.5 + 32 / K b/w), and the data-free budget over int3 / int4 / int8.
     "lowbit int3 native": ("float32", dict(bits=3)),

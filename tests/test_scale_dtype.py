@@ -112,6 +112,7 @@ def test_every_method_stores_the_scales_it_chose_codes_for(method, scale_dtype, 
     assert all(("f16-scales" if scale_dtype == "float16" else "int8-scales") in r["config"] for r in s["layers"])
     layers = [m for m in model if isinstance(m, QuantLinear)]
     extra = sum(32 * m.in_features for m in layers if m.input_scale is not None)  # AWQ: + input scales
+    extra += sum(8 * m.levels.numel() for m in layers if m.levels is not None)  # data-free int4: the level table
     scale_bits = {"float16": 16 / group, "int8": None}[scale_dtype]
     weights = sum(m.in_features * m.out_features for m in layers)
     if scale_bits is None:
@@ -192,7 +193,8 @@ def test_default_method_is_mse_for_int4_and_rtn_for_int8():
     for bits, method in ((4, "mse"), (8, "rtn")):
         q = lowbit.quantize(copy.deepcopy(model), bits=bits, progress=False)
         for i in (0, 2, 4):
-            expect = QuantLinear.from_linear(model[i], QuantConfig(bits, 16, scale_dtype="int8"), method=method)
+            expect = QuantLinear.from_linear(model[i], QuantConfig(bits, 16, scale_dtype="int8",
+                                                                   levels="t5" if bits == 4 else None), method=method)
             assert torch.equal(q[i].dequantized_weight(), expect.dequantized_weight()), (bits, i)
     other = QuantLinear.from_linear(model[0], QuantConfig(4, 16, scale_dtype="int8"), method="rtn")
     assert not torch.equal(other.dequantized_weight(), lowbit.quantize(copy.deepcopy(model), bits=4,

@@ -75,24 +75,105 @@ struct EvenGrid {
 // lookups of 16 entries need AVX-512).
 struct LevelVectors {
   hn::Vec<DF> first, mid[15], gap[15];
+#if HWY_TARGET == HWY_AVX3
+  // AVX-512: t in 32 buckets of width 8 over [-128, 128) (clamped at the
+  // ends); a bucket holds at most one midpoint when midpoints lie >= 8 apart
+  // (t5: >= 8.5), so the level is the bucket's lower or upper level by one
+  // compare with that midpoint: 3 two-register permutes, a compare and a
+  // blend instead of 15 compares and adds (the level search of a 1B-class
+  // model: 59 -> see the README). Same levels as the scan: the midpoints
+  // below a bucket are below every t in it, and an FMA t / 8 + 16 only
+  // rounds a t within 2^-20 of an edge up to it, where no half-integer
+  // midpoint lies between.
+  bool bucketed = true;
+  __m512 lower[2], upper[2], threshold[2];
+#endif
   explicit LevelVectors(const float* levels) : first(hn::Set(DF(), levels[0])) {
+    float mids[15];
     for (int j = 0; j < 15; ++j) {
-      mid[j] = hn::Set(DF(), 0.5f * (levels[j] + levels[j + 1]));
+      mids[j] = 0.5f * (levels[j] + levels[j + 1]);
+      mid[j] = hn::Set(DF(), mids[j]);
       gap[j] = hn::Set(DF(), levels[j + 1] - levels[j]);
     }
+#if HWY_TARGET == HWY_AVX3
+    alignas(64) float lo[32], hi[32], th[32];
+    for (int b = 0; b < 32; ++b) {
+      const float edge = 8.0f * static_cast<float>(b - 16);
+      int below = 0, inside = 0;
+      for (int j = 0; j < 15; ++j) {
+        below += mids[j] < edge;
+        inside += mids[j] >= edge && mids[j] < edge + 8.0f;
+      }
+      if (inside > 1) bucketed = false;
+      lo[b] = levels[below];
+      hi[b] = inside ? levels[below + 1] : levels[below];
+      th[b] = inside ? mids[below] : HUGE_VALF;
+    }
+    for (int h = 0; h < 2; ++h) {
+      lower[h] = _mm512_load_ps(lo + 16 * h);
+      upper[h] = _mm512_load_ps(hi + 16 * h);
+      threshold[h] = _mm512_load_ps(th + 16 * h);
+    }
+#endif
   }
 };
+// The level of t: 4 partial sums, so the 15 adds form chains of 4 (latency ~16
+// cycles instead of 60 for one chain).
+HWY_INLINE hn::Vec<DF> LevelOf(const LevelVectors& table, hn::Vec<DF> t) {
+#if HWY_TARGET == HWY_AVX3
+  if (table.bucketed) {
+    const __m512 u = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(t.raw, _mm512_set1_ps(0.125f), _mm512_set1_ps(16.0f)),
+                                                 _mm512_setzero_ps()),
+                                   _mm512_set1_ps(31.0f));
+    const __m512i b = _mm512_cvttps_epi32(u);
+    const __m512 lo = _mm512_permutex2var_ps(table.lower[0], b, table.lower[1]);
+    const __m512 hi = _mm512_permutex2var_ps(table.upper[0], b, table.upper[1]);
+    const __m512 th = _mm512_permutex2var_ps(table.threshold[0], b, table.threshold[1]);
+    return hn::Vec<DF>{_mm512_mask_blend_ps(_mm512_cmp_ps_mask(t.raw, th, _CMP_GT_OQ), lo, hi)};
+  }
+#endif
+  hn::Vec<DF> part[4] = {table.first, hn::Zero(DF()), hn::Zero(DF()), hn::Zero(DF())};
+  for (int j = 0; j < 15; ++j)
+    part[j % 4] = hn::Add(part[j % 4], hn::IfThenElseZero(hn::Gt(t, table.mid[j]), table.gap[j]));
+  return hn::Add(hn::Add(part[0], part[1]), hn::Add(part[2], part[3]));
+}
+
 struct LevelGrid {
   const LevelVectors& table;
   hn::Vec<DF> inv;
   LevelGrid(const LevelVectors& t, float inv_) : table(t), inv(hn::Set(DF(), inv_)) {}
-  HWY_INLINE hn::Vec<DF> operator()(hn::Vec<DF> v) const {
-    const auto t = hn::Mul(v, inv);
-    auto level = table.first;
-    for (int j = 0; j < 15; ++j) level = hn::Add(level, hn::IfThenElseZero(hn::Gt(t, table.mid[j]), table.gap[j]));
-    return level;
-  }
+  HWY_INLINE hn::Vec<DF> operator()(hn::Vec<DF> v) const { return LevelOf(table, hn::Mul(v, inv)); }
 };
+
+// kBatch level trials in one pass over the group (independent chains: a group of
+// 16 is one AVX-512 vector, so one trial at a time waited on latencies): for
+// each reciprocal inv[b] the sums xl[b] = sum c x L and ll[b] = sum c L L.
+constexpr size_t kLevelBatch = 4;
+template <bool kWeighted>
+HWY_INLINE void LevelTrials(const float* x, const float* c, size_t padded, const LevelVectors& table,
+                            const float* inv, float* xl, float* ll) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  hn::Vec<DF> vinv[kLevelBatch], axl[kLevelBatch], all[kLevelBatch];
+  for (size_t b = 0; b < kLevelBatch; ++b) {
+    vinv[b] = hn::Set(df, inv[b]);
+    axl[b] = all[b] = hn::Zero(df);
+  }
+  for (size_t i = 0; i < padded; i += n) {
+    const auto v = hn::LoadU(df, x + i);
+    const auto cw = kWeighted ? hn::LoadU(df, c + i) : hn::Set(df, 1.0f);
+    const auto cv = kWeighted ? hn::Mul(v, cw) : v;
+    for (size_t b = 0; b < kLevelBatch; ++b) {
+      const auto l = LevelOf(table, hn::Mul(v, vinv[b]));
+      axl[b] = hn::MulAdd(cv, l, axl[b]);
+      all[b] = hn::MulAdd(kWeighted ? hn::Mul(l, cw) : l, l, all[b]);
+    }
+  }
+  for (size_t b = 0; b < kLevelBatch; ++b) {
+    xl[b] = hn::GetLane(hn::SumOfLanes(df, axl[b]));
+    ll[b] = hn::GetLane(hn::SumOfLanes(df, all[b]));
+  }
+}
 
 template <bool kWeighted, class Grid>
 HWY_INLINE TrialSums Trial(const float* x, const float* c, size_t padded, const Grid& codes) {
@@ -242,19 +323,39 @@ void SearchGroupLevels(const float* x, const float* c, size_t padded, const floa
   const float s0 = m / levels[0];
   *scale = std::fabs(s0) >= FLT_MIN && std::isfinite(s0) ? s0 : 0.0f;
   if (*scale == 0.0f) return;  // degenerate group: every code reads 0 * scale
-  float best_err = HUGE_VALF, best_s = s0;
-  for (const float end : {levels[0], levels[15]}) {
+  // Trials are ranked by sum c x x - xl^2 / ll, the error of their least-squares
+  // scale expanded: no second pass. It cancels where the error is tiny next to
+  // sum c x x (8-bit grids, hence TrialError above); 4-bit levels leave ~1% of
+  // it, 10^5 times float32's rounding. The winner's exact error decides below.
+  float xx = 0.0f;
+  {
+    const DF df;
+    auto acc = hn::Zero(df);
+    for (size_t i = 0; i < padded; i += hn::Lanes(df)) {
+      const auto v = hn::LoadU(df, x + i);
+      acc = hn::MulAdd(kWeighted ? hn::Mul(v, hn::LoadU(df, c + i)) : v, v, acc);
+    }
+    xx = hn::GetLane(hn::SumOfLanes(df, acc));
+  }
+  float invs[2 * (2 * 64 + 1) + kLevelBatch];  // steps <= 64 (SearchLevelScales checks)
+  size_t count = 0;
+  for (const float end : {levels[0], levels[15]})
     for (int i = -steps; i <= steps; ++i) {
       const float inv = end * (1.0f + 0.0125f * static_cast<float>(i)) / m;
-      if (!(std::isfinite(inv)) || inv == 0.0f) continue;
-      const LevelGrid grid(table, inv);
-      const TrialSums t = Trial<kWeighted>(x, c, padded, grid);
-      if (!(t.ll > 0.0f)) continue;
-      const float ls = t.xl / t.ll;
-      const float err = TrialError<kWeighted>(x, c, padded, grid, ls);
+      if (std::isfinite(inv) && inv != 0.0f) invs[count++] = inv;
+    }
+  if (count == 0) return;
+  while (count % kLevelBatch) { invs[count] = invs[count - 1]; ++count; }  // repeats: never a new winner
+  float best_err = HUGE_VALF, best_s = s0;
+  for (size_t b0 = 0; b0 < count; b0 += kLevelBatch) {
+    float xl[kLevelBatch], ll[kLevelBatch];
+    LevelTrials<kWeighted>(x, c, padded, table, invs + b0, xl, ll);
+    for (size_t b = 0; b < kLevelBatch; ++b) {
+      if (!(ll[b] > 0.0f)) continue;
+      const float err = xx - xl[b] * xl[b] / ll[b];
       if (err < best_err) {
         best_err = err;
-        best_s = ls;
+        best_s = xl[b] / ll[b];
       }
     }
   }

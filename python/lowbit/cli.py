@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
 from . import arrays, runtime
 from .arrays import SCALE_DTYPES
-from .config import DEFAULT_GROUP, DEFAULT_SCALE_DTYPE, SCALE_LABEL
+from .config import DEFAULT_GROUP, DEFAULT_LEVELS, DEFAULT_SCALE_DTYPE, SCALE_LABEL
+from .levels import LEVEL_TABLES
 from ._version import __version__
 
 # (label, bits, group_size, symmetric)
@@ -211,8 +213,8 @@ def file_info(path, out=None):
     for name, m in fi.linear_layers.items():
         label = f"int{m['bits']} " + ("per-row" if m["group_size"] is None else f"g{m['group_size']}") + \
             ("" if m["symmetric"] else " asym") + (" A8" if m["act_bits"] else "") + \
-            SCALE_LABEL[m.get("scale_dtype", "float32")]
-        for part in ("data", "scales", "offsets", "row_scales"):
+            SCALE_LABEL[m.get("scale_dtype", "float32")] + (f" {m['levels']}-levels" if m.get("levels") else "")
+        for part in ("data", "scales", "offsets", "row_scales", "levels"):
             layer_of[f"{name}.{part}"] = f"{label} [{m['out_features']}x{m['in_features']}] {part}"
     print(f"{fi.path}: {fi.file_size} bytes, {len(fi.tensors)} tensors, {len(fi.layers)} quantized layers, "
           f"written by {fi.writer}", file=out)
@@ -251,13 +253,14 @@ def folder_info(path, out=None) -> dict:
     packed = 0
     for name, record in qc["layers"].items():
         bits, group, symmetric, act_bits = record[:4]
-        parts = [tensors.get(f"{name}.{p}") for p in ("data", "scales", "offsets", "row_scales")]
+        parts = [tensors.get(f"{name}.{p}") for p in ("data", "scales", "offsets", "row_scales", "levels")]
         if parts[0] is None or parts[1] is None:
             raise FormatError(f"{path}: layer {name} is in the table but its tiles are not in the files")
         nbytes = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in filter(None, parts))
         packed += nbytes
         label = f"int{bits} " + ("per-row" if group is None else f"g{group}") + ("" if symmetric else " asym") + \
-            (" A8" if act_bits else "") + SCALE_LABEL[record[7] if len(record) > 7 else "float32"]
+            (" A8" if act_bits else "") + SCALE_LABEL[record[7] if len(record) > 7 else "float32"] + \
+            (f" {record[8]}-levels" if len(record) > 8 else "")
         print(f"{name[:48]:48s} {label:>14s} {nbytes:11d}  {parts[0][0]}", file=out)
     total = sum(t["data_offsets"][1] - t["data_offsets"][0] for _, t in tensors.values())
     print(f"quantized layers: {packed / 2**20:.2f} MiB; other tensors {(total - packed) / 2**20:.2f} MiB", file=out)
@@ -265,7 +268,8 @@ def folder_info(path, out=None) -> dict:
 
 
 def quantize_model(source: str, dest: str, bits: int = 4, group_size=DEFAULT_GROUP, activations=None,
-                   symmetric=True, out=None, embeddings=None, scale_dtype: str = DEFAULT_SCALE_DTYPE) -> int:
+                   symmetric=True, out=None, embeddings=None, scale_dtype: str = DEFAULT_SCALE_DTYPE,
+                   levels: Optional[str] = DEFAULT_LEVELS) -> int:
     """Quantize a Hugging Face model folder (or "minilm", the packaged all-MiniLM-L6-v2)
     and write a lowbit file; the transformers config travels in its header."""
     out = out or sys.stdout
@@ -286,7 +290,7 @@ def quantize_model(source: str, dest: str, bits: int = 4, group_size=DEFAULT_GRO
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModel.from_pretrained(source).eval()
     lowbit.quantize(model, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
-                    progress=False, embeddings=embeddings, scale_dtype=scale_dtype)
+                    progress=False, embeddings=embeddings, scale_dtype=scale_dtype, levels=levels)
     size = lowbit.save(model, dest, metadata={"hf_config": model.config.to_json_string(),
                                               "hf_class": type(model).__name__})
     s = lowbit.summary(model)
@@ -319,6 +323,8 @@ def main(argv=None) -> int:
     q.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=DEFAULT_SCALE_DTYPE,
                    help="scales of the int8/int4/int3 tiles (int8 codes x a float32 row scale: int4 g16 at "
                         "4.5 + 32/K bits/weight; float16: int4 g32 at 4.5)")
+    q.add_argument("--levels", choices=("auto", "none", *LEVEL_TABLES), default=DEFAULT_LEVELS or "none",
+                   help="int4 codes on a level table (auto: t5 for symmetric int4; none: evenly spaced)")
     q.add_argument("--activations", type=int, choices=(8,), default=None, help="8: W8A8/W4A8 dynamic")
     q.add_argument("--asym", action="store_true", help="asymmetric codes with zero points")
     q.add_argument("--embeddings", type=int, choices=(8, 4), default=None,
@@ -347,7 +353,8 @@ def main(argv=None) -> int:
         if args.group_size < 0:
             parser.error("--group-size must be >= 0")
         quantize_model(args.source, args.dest, args.bits, args.group_size or None, args.activations,
-                       not args.asym, embeddings=args.embeddings, scale_dtype=args.scale_dtype)
+                       not args.asym, embeddings=args.embeddings, scale_dtype=args.scale_dtype,
+                       levels=None if args.levels == "none" else args.levels)
     elif args.command == "demo":
         if args.model == "smollm2" and not args.weights_only:
             if args.windows < 1:

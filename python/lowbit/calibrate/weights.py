@@ -35,15 +35,12 @@ class QuantizedWeight:
     bits: int
     group_size: Optional[int]
     input_scale: Optional[torch.Tensor] = None
-    levels: Optional[np.ndarray] = None  # int8 [16]: int4 code q means levels[q + 8] (formats.h "level tables")
 
     def dequantize(self) -> torch.Tensor:
         """The float weight the kernels compute with (in the scaled input basis)."""
         n, k = self.codes.shape
         g = k if self.group_size is None else self.group_size
         c = self.codes.float().reshape(n, k // g, g)
-        if self.levels is not None:
-            c = torch.from_numpy(self.levels.astype(np.float32))[(self.codes + 8).long()].reshape(n, k // g, g)
         if self.zero_points is not None:
             c = c - self.zero_points.float()[..., None]
         return (c * self.scales[..., None]).reshape(n, k)
@@ -135,21 +132,31 @@ def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
 
 
 def mse_levels(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps: int = 9,
-               scale_dtype: str = "float32", importance: Optional[np.ndarray] = None) -> QuantizedWeight:
+               scale_dtype: str = "float32", importance: Optional[np.ndarray] = None) -> tuple:
     """int4 codes on a level table (lowbit.levels): the error-minimising group
     scales of scale_search.cc on the table's levels, rounded to ``scale_dtype``,
-    then every weight's nearest level under the rounded scale. Codes are stored
-    as q = index - 8 (symmetric int4)."""
+    then every weight's nearest level under the rounded scale.
+
+    Returns (packed, scales): the codes as int4 rows (formats.h packed rows, the
+    symmetric code q = index - 8 in each nibble, what ``pack_weights(...,
+    levels=)`` takes as a QArray) and float32 scales [N, K / G]. Lean on memory
+    (quantizing while loading holds one float layer): besides the weight, 1.5
+    bytes per weight at the peak."""
     w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
     if np.isnan(w32).any():
         raise ValueError("weights contain NaN")
     n, k = w32.shape
     g = k if group is None else group
     s = _C.search_level_scales(w32, levels, g, steps, importance)
-    scale = round_scales(torch.from_numpy(s.reshape(n, k // g)), scale_dtype)
-    idx = _C.level_codes(w32, levels, g, np.ascontiguousarray(scale.numpy(), np.float32).reshape(-1))
-    codes = torch.from_numpy(idx.astype(np.int32) - 8)
-    return QuantizedWeight(codes, scale, None, 4, group, levels=np.array(levels, np.int8))
+    scale = np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype), np.float32)
+    idx = _C.level_codes(w32, levels, g, scale.reshape(-1))
+    idx ^= 8  # index u -> the low 4 bits of the two's complement code u - 8
+    packed = np.zeros((n, (k + 1) // 2), np.uint8)
+    packed[:, :k // 2] = idx[:, 0:k - k % 2:2]
+    packed[:, :k // 2] |= idx[:, 1::2] << 4
+    if k % 2:
+        packed[:, -1] = idx[:, -1]
+    return packed, scale
 
 
 def clip_search(w: torch.Tensor, h_diag: torch.Tensor, bits: int, group: Optional[int], symmetric: bool,

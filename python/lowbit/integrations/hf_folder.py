@@ -40,8 +40,10 @@ def layer_record(mod) -> list:
     c = mod.config
     record = [c.bits, c.group_size, c.symmetric, c.act_bits, c.code_bits, mod.input_scale is not None,
               float(mod.act_scale)]
-    # Only narrow scales add the entry: folders of float32 layers stay readable
-    # by earlier lowbit versions, which refuse what they could not run.
+    # Only narrow scales (and level tables) add entries: folders of float32 layers
+    # stay readable by earlier lowbit versions, which refuse what they could not run.
+    if c.levels is not None:
+        return record + [c.scale_dtype, c.levels]
     return record + ([c.scale_dtype] if c.scale_dtype != "float32" else [])
 
 
@@ -53,12 +55,14 @@ def placeholder(linear, record: list):
 
     from ..config import QuantConfig
     from ..nn import QuantLinear
-    if not isinstance(record, (list, tuple)) or len(record) not in (len(RECORD_FIELDS), len(RECORD_FIELDS) + 1):
-        raise FormatError(f"a layer record must be {list(RECORD_FIELDS)} (+ scale dtype), got {record!r}")
+    if not isinstance(record, (list, tuple)) or len(record) - len(RECORD_FIELDS) not in (0, 1, 2):
+        raise FormatError(f"a layer record must be {list(RECORD_FIELDS)} (+ scale dtype, + level table), "
+                          f"got {record!r}")
     bits, group, symmetric, act_bits, code_bits, has_input_scale, act_scale = record[:len(RECORD_FIELDS)]
     scale_dtype = record[len(RECORD_FIELDS)] if len(record) > len(RECORD_FIELDS) else "float32"
+    levels = record[len(RECORD_FIELDS) + 1] if len(record) > len(RECORD_FIELDS) + 1 else None
     try:
-        cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits, scale_dtype)
+        cfg = QuantConfig(bits, group, symmetric, act_bits, code_bits, scale_dtype, levels)
     except (TypeError, ValueError) as e:
         raise FormatError(f"bad layer record {record!r}: {e}") from None
     with torch.device("meta"):

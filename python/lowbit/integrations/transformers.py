@@ -45,15 +45,17 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..api import _set_module
+from ..api import _resolve_levels, _set_module
 from ..calibrate.ptq import DATA_FREE
 from ..arrays import SCALE_DTYPES
-from ..config import DEFAULT_GROUP, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, QuantConfig, resolve_method, storage_bits
+from ..config import DEFAULT_GROUP, DEFAULT_LEVELS, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, QuantConfig, resolve_method, \
+    storage_bits
 from ..nn import QuantLinear
 from .hf_folder import layer_record, placeholder
 
 METHOD = "lowbit"
-_FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert", "scale_dtype")
+_FIELDS = ("bits", "group_size", "symmetric", "activations", "method", "modules_to_not_convert", "scale_dtype",
+           "levels")
 
 
 class LowbitConfig(QuantizationConfigMixin):
@@ -72,6 +74,8 @@ class LowbitConfig(QuantizationConfigMixin):
       scale_dtype: "int8" (default), "float16" or "float32" (int8/int4 layers;
         int8 codes with one float32 scale per row quarter the scale bytes: int4
         groups of 16 at 4.5 + 32 / K bits/weight; float16 halves them).
+      levels: int4 codes on a level table, as lowbit.quantize's ``levels``
+        ("auto": table "t5" for data-free symmetric int4, None: evenly spaced).
       The defaults are lowbit.quantize's (int4, groups of 16, int8 scale codes, "mse").
       layers: filled when a model is quantized: {name: [bits, group_size,
         symmetric, act_bits, code_bits, has_input_scale, act_scale(, "float16")]}
@@ -81,7 +85,7 @@ class LowbitConfig(QuantizationConfigMixin):
     def __init__(self, bits: int = 4, group_size: Optional[int] = DEFAULT_GROUP, symmetric: bool = True,
                  activations: Optional[int] = None, method: str = DEFAULT_METHOD,
                  modules_to_not_convert: Optional[list] = None, layers: Optional[dict] = None,
-                 scale_dtype: str = DEFAULT_SCALE_DTYPE, **kwargs):
+                 scale_dtype: str = DEFAULT_SCALE_DTYPE, levels: Optional[str] = DEFAULT_LEVELS, **kwargs):
         if isinstance(bits, bool) or bits not in (8, 4, 3, 2):
             raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits!r}")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
@@ -99,8 +103,9 @@ class LowbitConfig(QuantizationConfigMixin):
         if modules_to_not_convert is not None and (isinstance(modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in modules_to_not_convert)):
             raise TypeError("modules_to_not_convert must be a list of module names")
+        _resolve_levels(levels, bits, symmetric, method)  # validates
         values = dict(quant_method=METHOD, bits=bits, group_size=group_size, symmetric=symmetric,
-                      activations=activations, method=method, scale_dtype=scale_dtype,
+                      activations=activations, method=method, scale_dtype=scale_dtype, levels=levels,
                       modules_to_not_convert=None if modules_to_not_convert is None else list(modules_to_not_convert),
                       layers=None if layers is None else {str(k): list(v) for k, v in dict(layers).items()})
         for key, value in values.items():
@@ -172,9 +177,10 @@ class LowbitHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         targets, _ = _select(model, None, self._excluded, devices=("cpu", "meta"))
         storage = storage_bits(cfg.bits)
+        table = _resolve_levels(cfg.levels, cfg.bits, cfg.symmetric, cfg.method)
         self._plans = {name: QuantConfig(storage, layer_group(cfg.group_size, mod.in_features, cfg.bits),
                                          cfg.symmetric, cfg.activations, None if storage == cfg.bits else cfg.bits,
-                                         cfg.scale_dtype if storage != 2 else "float32")
+                                         cfg.scale_dtype if storage != 2 else "float32", table)
                        for name, mod in targets}
         # method="auto" weighs down projections by an importance computed from the
         # float gate and up weights as they arrive (calibrate.importance): a down

@@ -59,15 +59,6 @@ def _warn_int2_once() -> None:
         _warned_int2 = True
 
 
-def _table_name(levels: np.ndarray) -> str:
-    """The name of a known level table (lowbit.levels) with these values."""
-    from ..levels import LEVEL_TABLES
-    for name, values in LEVEL_TABLES.items():
-        if tuple(int(v) for v in levels) == values:
-            return name
-    raise ValueError(f"levels {list(levels)} are not a known level table ({sorted(LEVEL_TABLES)})")
-
-
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W held as int8/int4 tiles (formats.h), or
     as packed int2 rows (dequantized per call: smaller, not faster).
@@ -112,14 +103,18 @@ class QuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, config, dtype=w.dtype)
         c = mod.config
         resolved = resolve_method(method, c.bits)
-        if c.levels is not None:  # no level-table QArray: the layer algorithm gives the codes
+        if c.levels is not None:  # the level search gives packed codes, packed with the table
             from ..levels import level_table
             from ..calibrate.weights import mse_levels
             if resolved != "mse":
                 raise ValueError(f"levels={c.levels!r} layers are quantized with method 'mse' or 'auto', "
                                  f"not {method!r}")
-            q = mse_levels(w, c.group_size, level_table(c.levels), scale_dtype=c.scale_dtype, importance=importance)
-            return cls.from_quantized(q, linear.bias, c, dtype=w.dtype)
+            table = level_table(c.levels)
+            packed, scales = mse_levels(w, c.group_size, table, scale_dtype=c.scale_dtype, importance=importance)
+            mod._store(QArray(packed, scales, None, (linear.out_features, linear.in_features), 4, c.group_size,
+                              True), table)
+            mod._copy_bias(linear.bias)
+            return mod
         if c.bits == 3:  # no 3-bit QArray: the layer algorithms give the codes
             from ..calibrate.weights import mse, rtn
             q = mse(w, 3, c.group_size, c.symmetric, scale_dtype=c.scale_dtype, importance=importance) \
@@ -161,9 +156,7 @@ class QuantLinear(nn.Module):
         narrower codes into a given config's wider tiles)."""
         n, k = q.codes.shape
         storage = storage_bits(q.bits)
-        levels = getattr(q, "levels", None)
-        cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None,
-                                    levels=None if levels is None else _table_name(levels))
+        cfg = config or QuantConfig(storage, q.group_size, q.zero_points is None)
         # Or wider tiles that say the codes' width (int4 tiles with code_bits=3: files before int3 tiles).
         wider = cfg.bits in (4, 8) and cfg.code_bits == q.bits < cfg.bits
         if (cfg.bits != storage and not wider) or cfg.group_size != q.group_size or \
@@ -178,7 +171,7 @@ class QuantLinear(nn.Module):
         held = 4 if cfg.bits == 3 else cfg.bits  # int3 tiles are packed from an int4 QArray
         mod._store(QArray(pack(q.codes.numpy().astype(np.int32), held), q.scales.numpy().astype(np.float32),
                           None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k),
-                          held, q.group_size, q.zero_points is None), levels)
+                          held, q.group_size, q.zero_points is None))
         mod._copy_bias(bias)
         if q.input_scale is not None:
             mod.input_scale = q.input_scale.float().clone()

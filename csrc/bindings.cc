@@ -179,6 +179,15 @@ py::tuple SearchScales(const py::array& x, int bits, long group, bool symmetric,
   return py::make_tuple(scales, symmetric ? py::object(py::none()) : py::object(zps));
 }
 
+// A level table (formats.h "level tables"): 16 increasing int8 levels in [-127, 127].
+const int8_t* CheckLevels(const py::array& levels) {
+  CheckFlat(levels, "levels", Kind::kI8, 16, false);
+  const int8_t* l = static_cast<const int8_t*>(levels.data());
+  for (int i = 0; i < 16; ++i)
+    if (l[i] < -127 || (i > 0 && l[i] <= l[i - 1])) Fail("levels must be 16 increasing values in [-127, 127]");
+  return l;
+}
+
 // Level tables (formats.h): a C-contiguous float32 x [rows, K] and int8 levels [16].
 const int8_t* LevelArgs(const py::array& x, const py::array& levels, long group) {
   CheckKind(x, "x", Kind::kF32);
@@ -186,11 +195,7 @@ const int8_t* LevelArgs(const py::array& x, const py::array& levels, long group)
   if (x.shape(0) == 0 || x.shape(1) == 0) Fail("x must not be empty");
   if (group <= 0 || static_cast<size_t>(x.shape(1)) % static_cast<size_t>(group) != 0)
     Fail("group_size must divide the last dimension");
-  CheckFlat(levels, "levels", Kind::kI8, 16, false);
-  const int8_t* l = static_cast<const int8_t*>(levels.data());
-  for (int i = 0; i < 16; ++i)
-    if (l[i] < -127 || (i > 0 && l[i] <= l[i - 1])) Fail("levels must be 16 increasing values in [-127, 127]");
-  return l;
+  return CheckLevels(levels);
 }
 
 py::array_t<float> SearchLevelScales(const py::array& x, const py::array& levels, long group, int steps,
@@ -222,10 +227,11 @@ py::array_t<uint8_t> LevelCodes(const py::array& x, const py::array& levels, lon
 }
 
 // GPTQ's column loop on one block (gptq.cc): every array C-contiguous and sized
-// from wt [B, R]; the group indices are checked against the scales' rows.
+// from wt [B, R]; the group indices are checked against the scales' rows; a
+// level table only for symmetric int4 codes.
 void GptqColumns(py::array wt, const py::array& hinv, long c0, long c1, const py::array& scales,
                  const py::object& zps_obj, const py::array& groups, int qmin, int qmax, py::array codes,
-                 py::array err) {
+                 py::array err, const py::object& levels_obj) {
   CheckKind(wt, "wt", Kind::kF64);
   if (wt.ndim() != 2 || !(wt.flags() & py::array::c_style) || !wt.writeable())
     Fail("wt must be a writable C-contiguous 2-D float64 array [B, R]");
@@ -248,6 +254,11 @@ void GptqColumns(py::array wt, const py::array& hinv, long c0, long c1, const py
   for (size_t c = static_cast<size_t>(c0); c < static_cast<size_t>(c1); ++c)
     if (g[c] < 0 || static_cast<size_t>(g[c]) >= ngroups) Fail("groups must index the rows of scales");
   if (qmin > qmax) Fail("qmin must be <= qmax");
+  const int8_t* levels = nullptr;
+  if (!levels_obj.is_none()) {
+    if (zps != nullptr || qmin != -8 || qmax != 7) Fail("levels need symmetric 4-bit codes (no zps, qmin -8, qmax 7)");
+    levels = CheckLevels(levels_obj.cast<py::array>());
+  }
   CheckFlat(codes, "codes", Kind::kI32, b * rows, true);
   CheckFlat(err, "err", Kind::kF64, b * rows, true);
   double* w = static_cast<double*>(wt.mutable_data());
@@ -256,7 +267,7 @@ void GptqColumns(py::array wt, const py::array& hinv, long c0, long c1, const py
   int32_t* q = static_cast<int32_t*>(codes.mutable_data());
   double* e = static_cast<double*>(err.mutable_data());
   py::gil_scoped_release release;
-  lowbit::GptqColumns(w, rows, b, h, c0, c1, s, zps, g, qmin, qmax, q, e);
+  lowbit::GptqColumns(w, rows, b, h, c0, c1, s, zps, g, qmin, qmax, levels, q, e);
 }
 
 void DequantizeRows(const py::array& packed, size_t k, int bits, long group, bool symmetric,
@@ -737,7 +748,7 @@ PYBIND11_MODULE(_C, m) {
         "Float32 values [N, K] of tiled weights (the inverse of pack_tiled, scales applied).");
   m.def("gptq_columns", &GptqColumns, py::arg("wt"), py::arg("hinv"), py::arg("c0"), py::arg("c1"),
         py::arg("scales"), py::arg("zps").none(true), py::arg("groups"), py::arg("qmin"), py::arg("qmax"),
-        py::arg("codes").noconvert(), py::arg("err").noconvert(),
+        py::arg("codes").noconvert(), py::arg("err").noconvert(), py::arg("levels").none(true) = py::none(),
         "GPTQ's column loop on one block (columns c0..c1): codes, scaled errors, later columns updated.");
   m.def("search_scales", &SearchScales, py::arg("x"), py::arg("bits"), py::arg("group"), py::arg("symmetric"),
         py::arg("steps"), py::arg("importance").none(true) = py::none(), "(scales, zero points or None): error-minimising group scales (scale_search.cc).");

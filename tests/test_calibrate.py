@@ -311,9 +311,10 @@ def test_digits_ptq_accuracy(digits_model):
     assert max(table[(2, "gptq")], table[(2, "awq")]) > table[(2, "rtn")] + 1
 
 
-@pytest.mark.parametrize("group,act_order,sym", [(64, False, True), (64, True, False), (None, False, True),
-                                                 (32, False, False)])
-def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, group, act_order, sym):
+@pytest.mark.parametrize("group,act_order,sym,levels", [(64, False, True, None), (64, True, False, None),
+                                                        (None, False, True, None), (32, False, False, None),
+                                                        (32, True, True, "t5"), (64, False, True, "t5")])
+def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, group, act_order, sym, levels):
     from lowbit import reference
     from lowbit.calibrate import weights
     torch.manual_seed(0)
@@ -321,10 +322,18 @@ def test_gptq_with_the_native_column_loop_equals_its_numpy_spec(monkeypatch, gro
     x = torch.randn(512, 128) @ (torch.eye(128) + 0.3 * torch.randn(128, 128) / 128 ** 0.5)
     stats = LayerStats(128)
     stats.add(x)
-    native = gptq(w, stats.hessian, 4, group, sym, act_order=act_order)
+    table = None if levels is None else lowbit.levels.level_table(levels)
+    native = gptq(w, stats.hessian, 4, group, sym, act_order=act_order, levels=table)
     monkeypatch.setattr(weights, "_columns", reference.gptq_columns)
-    spec = gptq(w, stats.hessian, 4, group, sym, act_order=act_order)
+    spec = gptq(w, stats.hessian, 4, group, sym, act_order=act_order, levels=table)
     assert torch.equal(native.codes, spec.codes) and torch.equal(native.scales, spec.scales)
+    if table is not None:  # the scales: the level search's, rounded as the layer stores them
+        assert np.array_equal(native.levels, table) and native.codes.min() >= -8 and native.codes.max() <= 7
+        s = lowbit._C.search_level_scales(np.ascontiguousarray(w.numpy()), table, group, 9, None)
+        assert np.array_equal(native.scales.numpy().reshape(-1), s)
+        deq = torch.from_numpy(table.astype(np.float32))[native.codes.long() + 8].reshape(48, -1, group) \
+            * native.scales[..., None]
+        assert torch.equal(native.dequantize(), deq.reshape(48, 128))
     assert (native.zero_points is None) == sym
     if not sym:
         assert torch.equal(native.zero_points, spec.zero_points)

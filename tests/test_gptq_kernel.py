@@ -24,24 +24,37 @@ def block_case(rng, b, rows, ngroups, sym, bits):
     return wt, hinv, np.ascontiguousarray(scales), zps, groups, qmin, qmax
 
 
-@pytest.mark.parametrize("sym,bits", [(True, 4), (False, 4), (True, 8), (True, 3), (False, 2)])
+T5 = np.array([-127, -105, -76, -56, -41, -28, -18, -9, 0, 8, 17, 27, 39, 53, 71, 96], np.int8)
+
+
+@pytest.mark.parametrize("sym,bits,levels", [(True, 4, None), (False, 4, None), (True, 8, None), (True, 3, None),
+                                             (False, 2, None), (True, 4, "t5"), (True, 4, "narrow")])
 @pytest.mark.parametrize("b,rows,c0,c1", [(32, 96, 0, 32), (96, 1537, 0, 96), (64, 200, 5, 40), (7, 3, 0, 7)])
-def test_gptq_columns_match_the_reference_bit_for_bit(target, rng, sym, bits, b, rows, c0, c1):
+def test_gptq_columns_match_the_reference_bit_for_bit(target, rng, sym, bits, levels, b, rows, c0, c1):
     wt, hinv, scales, zps, groups, qmin, qmax = block_case(rng, b, rows, 3, sym, bits)
+    table = {None: None, "t5": T5, "narrow": np.arange(-8, 8, dtype=np.int8) * 3}[levels]
+    if table is not None:  # level scales: the table's ends span the group (t5: 127 units)
+        scales /= np.float32(np.abs(table.astype(np.float32)).max() / 8)
     want_w, want_q, want_e = wt.copy(), np.zeros((b, rows), np.int32), np.zeros((b, rows))
-    reference.gptq_columns(want_w, hinv, c0, c1, scales, zps, groups, qmin, qmax, want_q, want_e)
+    reference.gptq_columns(want_w, hinv, c0, c1, scales, zps, groups, qmin, qmax, want_q, want_e, table)
     old = lowbit.get_num_threads()
     try:
         for threads in (1, 2):
             lowbit.set_num_threads(threads)
             w, q, e = wt.copy(), np.zeros((b, rows), np.int32), np.zeros((b, rows))
-            _C.gptq_columns(w, hinv, c0, c1, scales, zps, groups, qmin, qmax, q, e)
+            _C.gptq_columns(w, hinv, c0, c1, scales, zps, groups, qmin, qmax, q, e, table)
             np.testing.assert_array_equal(q[c0:c1], want_q[c0:c1])
             np.testing.assert_array_equal(e[c0:c1], want_e[c0:c1])
             np.testing.assert_array_equal(w, want_w)  # the later columns got the same updates
     finally:
         lowbit.set_num_threads(old)
     assert want_q[c0:c1].min() >= qmin and want_q[c0:c1].max() <= qmax
+    if table is not None:  # each code is the level nearest to w / s, w as the loop saw it (later columns only change)
+        for c in range(c0, c1):
+            s = scales[groups[c]]
+            t = want_w[c].astype(np.float32) * np.where(s == 0, 0, 1 / np.where(s == 0, 1, s)).astype(np.float32)
+            dist = np.abs(t[:, None] - table.astype(np.float32)[None, :])
+            assert np.all(dist[np.arange(rows), want_q[c] + 8] <= dist.min(1) + 1e-4)
 
 
 def test_gptq_columns_reject_bad_buffers(rng):
@@ -62,6 +75,11 @@ def test_gptq_columns_reject_bad_buffers(rng):
         (dict(qmin=8, qmax=7), ValueError, "qmin"),
         (dict(codes=np.zeros((8, 15), np.int32)), ValueError, "codes"),
         (dict(err=np.zeros((8, 16), np.float32)), TypeError, "err"),
+        (dict(levels=T5[::-1].copy()), ValueError, "levels"),
+        (dict(levels=T5[:8].copy()), ValueError, "levels"),
+        (dict(levels=T5.astype(np.int16)), TypeError, "levels"),
+        (dict(levels=T5, zps=np.zeros((2, 16), np.float32)), ValueError, "levels"),
+        (dict(levels=T5, qmin=-4, qmax=3), ValueError, "levels"),
     ]:
         with pytest.raises(exc, match=word):
             _C.gptq_columns(**{**ok, **change})

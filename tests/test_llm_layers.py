@@ -101,17 +101,19 @@ def test_one_pass_calibration_runs_the_model_once(monkeypatch):
     calls = []
     model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     one = lowbit.quantize(copy.deepcopy(model), bits=4, group_size=64, method="gptq", calibration_data=batches,
-                          progress=False)
+                          progress=False, calibration_dtype=None)
     assert len(calls) == 1  # the copy keeps the hook: one forward for all 14 layers
     monkeypatch.setattr(ptq, "stack_batches", lambda data: None)  # the per-layer passes
     seq = lowbit.quantize(copy.deepcopy(model), bits=4, group_size=64, method="gptq", calibration_data=batches,
-                          progress=False)
+                          progress=False, calibration_dtype=None)
     assert len(calls) == 1 + 14 * len(batches)
     ids = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         ref = model(ids).logits
         e_one, e_seq = [(q(ids).logits - ref).pow(2).mean() for q in (one, seq)]
-    # The same algorithm: only the float rounding of the Hessian sums differs.
+    # The same algorithm: only the float rounding of the Hessian sums differs (in a
+    # float32 forward; in bfloat16 the earlier layers' outputs also round differently:
+    # autocast's GEMM in one pass, the quantized layers in the per-layer passes).
     assert abs(e_one - e_seq) < 0.1 * e_seq
     same = sum(torch.equal(a.data, b.data) for a, b in zip(one.modules(), seq.modules())
                if isinstance(a, QuantLinear) and isinstance(b, QuantLinear))

@@ -13,8 +13,13 @@
 //   groups int32   [B]     the group of each block column (act order jumps between groups)
 //   codes  int32   [B, R]  out: the codes of columns c0..c1
 //   err    float64 [B, R]  out: (w - dequant(q)) / hinv[c][c] of columns c0..c1
+//   levels int8    [16]    or null: symmetric int4 codes on a level table (formats.h
+//                          "level tables"), code q meaning levels[q + 8] * s
 // For column c and row r, exactly as the NumPy reference (reference.gptq_columns):
 //   q   = nearbyint(clamp(float(w) * inv, qmin - z, qmax - z)) + z   float32, inv = s ? 1 / s : 0
+//         with levels: u = #{j : float(w) * inv > mid_j}, mid_j = (L_j + L_j+1) / 2 in
+//         float32 (the nearest level, ties to the lower: scale_search.cc LevelCodes),
+//         q = u - 8 and (double(q) - z) below reads L_u
 //   e   = (w - (double(q) - z) * s) / hinv[c][c]                     float64
 //   w_j = w_j - e * hinv[c][j]   for j = c + 1 .. B - 1              float64
 // Bit-identical to NumPy: this file is compiled with -ffp-contract=off, so no
@@ -69,7 +74,10 @@ HWY_INLINE void PushError(double* HWY_RESTRICT wt, size_t rows, const double* HW
 
 void GptqColumnsImpl(double* wt, size_t rows, size_t b, const double* hinv, size_t c0, size_t c1,
                      const float* scales, const float* zps, const int32_t* groups, int qmin, int qmax,
-                     int32_t* codes, double* err) {
+                     const int8_t* levels, int32_t* codes, double* err) {
+  float mid[15];
+  if (levels != nullptr)
+    for (int j = 0; j < 15; ++j) mid[j] = 0.5f * (static_cast<float>(levels[j]) + static_cast<float>(levels[j + 1]));
   // Per column ~R * (B - c) * 2 flops: a chunk of 64 rows is >= ~1 us of work per
   // column even at the block's end, and whole blocks are ~B times that.
   const size_t min_rows = 64;
@@ -87,9 +95,17 @@ void GptqColumnsImpl(double* wt, size_t rows, size_t b, const double* hinv, size
         const float inv = s32 == 0.0f ? 0.0f : 1.0f / s32;
         const float lo = static_cast<float>(qmin) - z32, hi = static_cast<float>(qmax) - z32;
         const float scaled = static_cast<float>(w[r]) * inv;
-        const float q = std::nearbyint(std::min(std::max(scaled, lo), hi)) + z32;
-        q_out[r] = static_cast<int32_t>(q);
-        const double dq = (static_cast<double>(q) - static_cast<double>(z32)) * static_cast<double>(s32);
+        double dq;
+        if (levels != nullptr) {  // 15 compares: this loop is ~1% of a GPTQ run
+          int u = 0;
+          for (int j = 0; j < 15; ++j) u += scaled > mid[j];
+          q_out[r] = u - 8;
+          dq = static_cast<double>(levels[u]) * static_cast<double>(s32);
+        } else {
+          const float q = std::nearbyint(std::min(std::max(scaled, lo), hi)) + z32;
+          q_out[r] = static_cast<int32_t>(q);
+          dq = (static_cast<double>(q) - static_cast<double>(z32)) * static_cast<double>(s32);
+        }
         e[r] = (w[r] - dq) / diag;
       }
       PushError(wt, rows, e, hinv + c * b, c, b, r0, r1);
@@ -107,8 +123,10 @@ namespace lowbit {
 HWY_EXPORT(GptqColumnsImpl);
 
 void GptqColumns(double* wt, size_t rows, size_t b, const double* hinv, size_t c0, size_t c1, const float* scales,
-                 const float* zps, const int32_t* groups, int qmin, int qmax, int32_t* codes, double* err) {
-  HWY_DYNAMIC_DISPATCH(GptqColumnsImpl)(wt, rows, b, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err);
+                 const float* zps, const int32_t* groups, int qmin, int qmax, const int8_t* levels, int32_t* codes,
+                 double* err) {
+  HWY_DYNAMIC_DISPATCH(GptqColumnsImpl)(wt, rows, b, hinv, c0, c1, scales, zps, groups, qmin, qmax, levels, codes,
+                                        err);
 }
 
 }  // namespace lowbit

@@ -56,7 +56,8 @@ void LevelCodes(const float* x, size_t rows, size_t k, size_t group, const int8_
 // documents the arrays and the arithmetic): quantizes each column with its
 // group's scale, writes codes and scaled errors, and updates the later columns.
 void GptqColumns(double* wt, size_t rows, size_t b, const double* hinv, size_t c0, size_t c1, const float* scales,
-                 const float* zps, const int32_t* groups, int qmin, int qmax, int32_t* codes, double* err);
+                 const float* zps, const int32_t* groups, int qmin, int qmax, const int8_t* levels, int32_t* codes,
+                 double* err);
 
 // Inverse of QuantizeRows: out [rows, K] (out_stride elements apart) in dtype.
 void DequantizeRows(const uint8_t* packed, size_t packed_stride, size_t rows, size_t k,

@@ -8,8 +8,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import DEFAULT_GROUP, DEFAULT_LEVELS, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, GROUP_MULTIPLE, QuantConfig, fit_group, \
-    storage_bits
+from .config import DEFAULT_GROUP, DEFAULT_LEVELS, DEFAULT_METHOD, DEFAULT_SCALE_DTYPE, DEFAULT_TABLE, GROUP_MULTIPLE, \
+    LEVEL_METHODS, QuantConfig, fit_group, storage_bits
 from .nn import QuantLinear
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -48,7 +48,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
              calibration_data=None, include: Selector = None, exclude: Selector = None, progress: bool = True,
              *, max_batches: Optional[int] = 64, observer="minmax", act_order: bool = True,
              embeddings: Union[None, int, str] = "auto", heads: Optional[int] = 8,
-             scale_dtype: str = DEFAULT_SCALE_DTYPE, levels: Optional[str] = DEFAULT_LEVELS) -> nn.Module:
+             scale_dtype: str = DEFAULT_SCALE_DTYPE, levels: Optional[str] = DEFAULT_LEVELS,
+             calibration_dtype: Optional[str] = "auto") -> nn.Module:
     """Replace the model's nn.Linear layers by lowbit QuantLinear, in place; returns the model.
 
     Args:
@@ -110,9 +111,19 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
       levels: int4 codes on a level table (lowbit.levels; formats.h
         "level tables"): "t5" (16 levels dense near 0, fitted to heavy-tailed
         groups; same size and kernels as even int4) or None (16 evenly spaced
-        levels). "auto": "t5" for a data-free ``bits=4`` call with symmetric
-        codes (method "auto" or "mse"), None otherwise (budgets, int8/int3/int2,
-        GPTQ / AWQ and zero points use the even grid).
+        levels). "auto": "t5" for a ``bits=4`` call with symmetric codes and
+        method "auto", "mse" or "gptq" (GPTQ then fixes the group scales by
+        the level search and pushes each column's error to the nearest level:
+        SmolLM2 1.029x float32 perplexity against 1.059x on even codes), None
+        otherwise (budgets, int8/int3/int2, AWQ, RTN and zero points use the
+        even grid).
+      calibration_dtype: what the forward over ``calibration_data`` runs its
+        matmuls and attention in: "bfloat16" (torch's CPU autocast; the Hessians,
+        samples and ranges taken from it stay float32/float64), None (the model's
+        own dtype) or "auto" (default: bfloat16 for a float32 model on a CPU with
+        bfloat16 dot products, AVX512_BF16, else None). GPTQ on SmolLM2 with 32 x
+        512 tokens, 2 threads of a Zen 4: 60.4 -> 43.9 s, perplexity ratio 1.060
+        -> 1.059.
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -142,6 +153,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
     QuantConfig(8, group_size, symmetric, activations, scale_dtype=scale_dtype)  # validates the settings
     table = _resolve_levels(levels, bits, symmetric, method)
     targets, skipped = _select(model, include, exclude)
+    from .calibrate.data import resolve_calibration_dtype
+    forward_dtype = resolve_calibration_dtype(calibration_dtype, targets)
     names = {n for n, _ in targets}
     if isinstance(bits, dict):
         unknown = set(bits) - names - {"default"}
@@ -188,7 +201,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
                 from .calibrate.priors import scale_sensitivities, sensitivity_priors
                 sens = scale_sensitivities(sens, sensitivity_priors(model, targets))
         else:
-            sens = sensitivities(model, targets, data, candidates, symmetric)
+            sens = sensitivities(model, targets, data, candidates, symmetric, forward_dtype)
         plans = mixed_plan(targets, sens, bits)
     else:
         plans = {}
@@ -197,7 +210,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
             if b is None:
                 skipped.append((name, "not in the bits map"))
                 continue
-            plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b), scale_dtype)
+            plans[name] = LayerPlan(b, layer_group(group_size, mod.in_features, b), scale_dtype,
+                                    table if b == 4 else None)
         targets = [(n, m) for n, m in targets if n in plans]
     if progress:
         _report_groups(targets, plans, group_size)
@@ -213,7 +227,7 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
                                                              method=method, importance=importance.get(name)))
     else:
         quantize_calibrated(model, targets, plans, method, symmetric, activations, data, static, observer,
-                            act_order, progress, importance)
+                            act_order, progress, importance, forward_dtype)
     if heads is not None:
         skipped = _quantize_heads(model, heads, activations, skipped, progress, scale_dtype)
     if embeddings == "auto":
@@ -230,13 +244,14 @@ def _resolve_levels(levels, bits, symmetric: bool, method: str) -> Optional[str]
     """The level table of the call's int4 layers (see quantize's ``levels``)."""
     from .levels import LEVEL_TABLES
     if levels == "auto":
-        return "t5" if bits == 4 and not isinstance(bits, bool) and symmetric and method in ("auto", "mse") else None
+        return DEFAULT_TABLE if bits == 4 and not isinstance(bits, bool) and symmetric and method in LEVEL_METHODS \
+            else None
     if levels is None:
         return None
     if levels not in LEVEL_TABLES:
         raise ValueError(f"levels must be 'auto', None or one of {sorted(LEVEL_TABLES)}, got {levels!r}")
-    if bits != 4 or isinstance(bits, bool) or not symmetric or method not in ("auto", "mse"):
-        raise ValueError(f"levels={levels!r} needs bits=4, symmetric codes and method 'auto' or 'mse' "
+    if bits != 4 or isinstance(bits, bool) or not symmetric or method not in LEVEL_METHODS:
+        raise ValueError(f"levels={levels!r} needs bits=4, symmetric codes and method 'auto', 'mse' or 'gptq' "
                          f"(got bits={bits!r}, symmetric={symmetric}, method={method!r})")
     return levels
 

@@ -27,11 +27,14 @@ SCALE_LABEL = {"float32": "", "float16": " f16-scales", "int8": " int8-scales"}
 DEFAULT_GROUP = 16
 DEFAULT_METHOD = "auto"  # mse for int4 layers, rtn for int8 (config.resolve_method)
 DEFAULT_SCALE_DTYPE = "int8"
-# int4 codes of a data-free bits=4 call on the level table "t5" (api._resolve_levels;
-# lowbit.levels): same size and kernels as evenly spaced int4. SmolLM2-135M on
-# Emma (32 x 512): 1.091x float32 perplexity against 1.133x evenly spaced (llama.cpp
-# Q4_0 1.215x); all-MiniLM-L6-v2 cosine 0.9863 against 0.9799.
+# int4 codes of a bits=4 call on the level table "t5" (api._resolve_levels;
+# lowbit.levels) when its method is one of LEVEL_METHODS: same size and kernels as
+# evenly spaced int4. SmolLM2-135M on Emma (32 x 512): data-free 1.091x float32
+# perplexity against 1.133x evenly spaced (llama.cpp Q4_0 1.215x), GPTQ 1.029x
+# against 1.059x; all-MiniLM-L6-v2 cosine 0.9863 against 0.9799.
 DEFAULT_LEVELS = "auto"
+DEFAULT_TABLE = "t5"
+LEVEL_METHODS = ("auto", "mse", "gptq")
 
 
 def fit_group(group_size: Optional[int], in_features: int, multiple: int) -> Optional[int]:

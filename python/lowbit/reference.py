@@ -449,16 +449,27 @@ def search_scales(x, bits: int, group_size, symmetric: bool, steps: int = 9,
     return win_s.reshape(shape).astype(np.float32), win_z.reshape(shape).astype(np.uint8)
 
 
-def gptq_columns(wt, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err) -> None:
+def gptq_columns(wt, hinv, c0, c1, scales, zps, groups, qmin, qmax, codes, err, levels=None) -> None:
     """GPTQ's column loop on one block, in place (the spec of ``_C.gptq_columns``,
     csrc/lowbit/gptq.cc): wt float64 [B, R] (the block's columns as rows), hinv
     float64 [B, B] (upper factor of the inverse Hessian), scales / zps float32
     [G, R] (zps None when symmetric), groups int32 [B]; writes codes int32 [B, R]
-    and err float64 [B, R] for columns c0..c1 and updates the later columns."""
+    and err float64 [B, R] for columns c0..c1 and updates the later columns.
+    ``levels``: int8 [16], symmetric int4 codes q on a level table (q means
+    levels[q + 8] * scale; the nearest level as in :func:`level_codes`)."""
+    lv = None if levels is None else np.asarray(levels, np.float32)
     for c in range(c0, c1):
         s32 = scales[groups[c]]
         z32 = np.zeros_like(s32) if zps is None else zps[groups[c]]
         inv32 = np.where(s32 == 0, np.float32(0), np.float32(1) / np.where(s32 == 0, np.float32(1), s32))
+        if lv is not None:
+            mids = (np.float32(0.5) * (lv[1:] + lv[:-1])).astype(np.float32)
+            u = ((wt[c].astype(np.float32) * inv32)[:, None] > mids).sum(-1)
+            codes[c] = (u - 8).astype(np.int32)
+            e = (wt[c] - lv[u].astype(np.float64) * s32.astype(np.float64)) / hinv[c, c]
+            err[c] = e
+            wt[c + 1:] -= hinv[c, c + 1:, None] * e[None, :]
+            continue
         lo32, hi32 = (np.float32(qmin) - z32).astype(np.float32), (np.float32(qmax) - z32).astype(np.float32)
         q = np.rint(np.clip(wt[c].astype(np.float32) * inv32, lo32, hi32)) + z32
         codes[c] = q.astype(np.int32)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig, resolve_method, storage_bits
-from .data import StopForward, forward_all
+from .data import StopForward, calibration_autocast, exact, forward_all
 from .memory import FreedMemoryReleaser
 from .observers import make_observer
 from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
@@ -36,11 +36,12 @@ DATA_FREE = ("auto", "rtn", "mse")  # "auto": config.resolve_method per layer
 class LayerPlan:
     """How one layer is quantized: code bits (3: int3 tiles; 2: packed rows run as
     dequantize + float matmul), group size, scale dtype (float16 / int8 for the
-    tiles only; 2-bit rows keep float32)."""
+    tiles only; 2-bit rows keep float32), level table of int4 codes (lowbit.levels)."""
 
     bits: int
     group_size: Optional[int]
     scale_dtype: str = "float32"
+    levels: Optional[str] = None
 
     def __post_init__(self):
         if self.bits == 2 and self.scale_dtype != "float32":
@@ -58,25 +59,30 @@ def layer_group(group_size: Optional[int], k: int, bits: int) -> Optional[int]:
     return QuantConfig(storage_bits(bits), group_size).for_features(k).group_size
 
 
-def capture(model: nn.Module, module: nn.Module, data: list, stats: LayerStats, observer=None) -> None:
-    """Run the batches until ``module`` is reached; record its input, skip the rest."""
+def capture(model: nn.Module, module: nn.Module, data: list, stats: LayerStats, observer=None,
+            dtype: Optional[torch.dtype] = None) -> None:
+    """Run the batches until ``module`` is reached (matmuls in ``dtype``, see
+    data.resolve_calibration_dtype); record its input, skip the rest."""
     def hook(mod, args):
         x = args[0]
-        stats.add(x)
-        if observer is not None:
-            observer(x)
+        with exact():
+            stats.add(x)
+            if observer is not None:
+                observer(x)
         raise StopForward
 
     h = module.register_forward_pre_hook(hook)
     try:
-        forward_all(model, data)
+        forward_all(model, data, dtype=dtype)
     finally:
         h.remove()
 
 
-def sensitivities(model: nn.Module, targets: list, data: list, candidates: list, symmetric: bool) -> dict:
+def sensitivities(model: nn.Module, targets: list, data: list, candidates: list, symmetric: bool,
+                  dtype: Optional[torch.dtype] = None) -> dict:
     """name -> {plan: relative output error ||x (W - Q)^T||^2 / ||x W^T||^2} on the
-    float model, for each candidate plan (RTN; one forward pass with all hooks)."""
+    float model, for each candidate plan (RTN; one forward pass with all hooks,
+    its matmuls in ``dtype``; the errors in float32)."""
     acc = {}
     hooks = []
     for name, mod in targets:
@@ -90,13 +96,14 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
         acc[name] = {"ref": 0.0, **{p: 0.0 for p in diffs}}
 
         def hook(m, args, name=name, w=w, diffs=diffs):
-            x = args[0].detach().reshape(-1, w.shape[1]).float()
-            acc[name]["ref"] += float((x @ w.T).pow(2).sum())
-            for p, d in diffs.items():
-                acc[name][p] += float((x @ d.T).pow(2).sum())
+            with exact():
+                x = args[0].detach().reshape(-1, w.shape[1]).float()
+                acc[name]["ref"] += float((x @ w.T).pow(2).sum())
+                for p, d in diffs.items():
+                    acc[name][p] += float((x @ d.T).pow(2).sum())
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        forward_all(model, data)
+        forward_all(model, data, dtype=dtype)
     finally:
         for h in hooks:
             h.remove()
@@ -177,8 +184,11 @@ def mixed_plan(targets: list, sens: dict, budget_bits: float) -> dict:
 
 def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: str, symmetric: bool,
                         activations: Optional[int], data: Optional[list], static: bool, observer,
-                        act_order: bool, progress: bool, importance: Optional[dict] = None) -> None:
-    from ..nn import QuantLinear
+                        act_order: bool, progress: bool, importance: Optional[dict] = None,
+                        dtype: Optional[torch.dtype] = None) -> None:
+    """Quantize ``targets`` by ``plans`` with a data-driven method or static
+    activation scales; the calibration forward runs its matmuls in ``dtype``
+    (None: the model's own; see data.resolve_calibration_dtype)."""
     from ..api import _set_module as replace_module
     importance = importance or {}
     items = targets
@@ -192,7 +202,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
     stacked = stack_batches(data) if needs_data else None
     if stacked is not None:
         return _one_pass(model, targets, plans, method, symmetric, activations, stacked, static, observer,
-                         act_order, items, progress, importance)
+                         act_order, items, progress, importance, dtype)
     if needs_data:
         print(f"lowbit: calibration batches differ in shape: running them once per layer ({len(targets)} "
               "passes); equal-shape batches take one pass", file=sys.stderr)
@@ -203,7 +213,7 @@ def quantize_calibrated(model: nn.Module, targets: list, plans: dict, method: st
         stats = None
         if needs_data:
             stats = LayerStats(w.shape[1], need_hessian=method == "gptq", need_sample=method == "awq" or static)
-            capture(model, mod, data, stats, obs if observer == "minmax" else None)
+            capture(model, mod, data, stats, obs if observer == "minmax" else None, dtype)
             if stats.rows == 0:
                 raise ValueError(f"layer {name!r} never ran on the calibration data")
         replace_module(model, name, _quantize_layer(mod, stats, obs, plans[name], method, symmetric, activations,
@@ -259,8 +269,9 @@ def stack_batches(data: list):
 
 
 def _one_pass(model, targets, plans, method, symmetric, activations, batch, static, observer, act_order, items,
-              progress, importance):
-    """Quantize every target during a single forward pass over ``batch``."""
+              progress, importance, dtype=None):
+    """Quantize every target during a single forward pass over ``batch`` (its
+    matmuls in ``dtype``; statistics and quantizers in their own dtypes)."""
     from ..api import _set_module as replace_module
     from ..nn.fused import tensor_version
     from .data import StopForward, run_batch
@@ -272,6 +283,10 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
     def pre_hook(mod, args, name):
         if name in done:
             return
+        with exact():
+            quantize_here(mod, args, name)
+
+    def quantize_here(mod, args, name):
         x = args[0]
         if shared.get("x") is not x or shared.get("version") != tensor_version(x):
             shared.clear()
@@ -324,7 +339,7 @@ def _one_pass(model, targets, plans, method, symmetric, activations, batch, stat
         hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: pre_hook(m, a, name)))
         hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: post_hook(m, a, o, name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calibration_autocast(dtype):
             run_batch(model, batch)
     except StopForward:
         pass
@@ -347,27 +362,33 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
     from ..nn import QuantLinear
     w = mod.weight.detach().float()
     method = resolve_method(method, plan.bits)
-    if method == "gptq":
-        factor = stats.cached(("gptq", act_order), lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
-        q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor,
-                 scale_dtype=plan.scale_dtype)
-    elif method == "awq":
-        q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
-    elif method == "mse":
-        q = mse(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype,
-                importance=importance)
+    cfg = QuantConfig(storage_bits(plan.bits), plan.group_size, symmetric, activations, code_bits=plan.bits,
+                      scale_dtype=plan.scale_dtype, levels=plan.levels)
+    if plan.levels is not None and method not in ("gptq", "mse"):
+        raise ValueError(f"level tables are quantized with method 'gptq', 'mse' or 'auto', not {method!r}")
+    if method == "mse" and plan.levels is not None:  # the level search (static activation scales)
+        new = QuantLinear.from_linear(mod, cfg, method="mse", importance=importance)
     else:
-        q = rtn(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
-    storage = storage_bits(plan.bits)
-    cfg = QuantConfig(storage, plan.group_size, symmetric, activations, code_bits=plan.bits,
-                      scale_dtype=plan.scale_dtype)
-    new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
+        if method == "gptq":
+            from ..levels import level_table
+            factor = stats.cached(("gptq", act_order),
+                                  lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
+            q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor,
+                     scale_dtype=plan.scale_dtype, levels=None if plan.levels is None else level_table(plan.levels))
+        elif method == "awq":
+            q = awq(w, stats.x, stats.act_mean, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
+        elif method == "mse":
+            q = mse(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype, importance=importance)
+        else:
+            q = rtn(w, plan.bits, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
+        new = QuantLinear.from_quantized(q, mod.bias, cfg, dtype=mod.weight.dtype)
     if static:
-        if observer == "minmax" and q.input_scale is None:
+        input_scale = new.input_scale
+        if observer == "minmax" and input_scale is None:
             scale = float(obs.qparams()[0])
         else:  # the kernels see x * input_scale: observe that, on the sample rows
             o = make_observer(observer)
-            o(stats.x * (1 if q.input_scale is None else q.input_scale))
+            o(stats.x * (1 if input_scale is None else input_scale))
             scale = float(o.qparams()[0])
         new.act_scale = scale
     return new

@@ -26,8 +26,10 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 
 @dataclass
 class QuantizedWeight:
-    """Codes [N, K] (int32), scales [N, K // G] float32, zero points (asymmetric)
-    and an optional per-input-channel multiplier applied to x first (AWQ)."""
+    """Codes [N, K] (int32), scales [N, K // G] float32, zero points (asymmetric),
+    an optional per-input-channel multiplier applied to x first (AWQ) and an
+    optional level table (int8 [16], lowbit.levels: symmetric int4 code q means
+    levels[q + 8] * scale)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -35,11 +37,15 @@ class QuantizedWeight:
     bits: int
     group_size: Optional[int]
     input_scale: Optional[torch.Tensor] = None
+    levels: Optional[np.ndarray] = None
 
     def dequantize(self) -> torch.Tensor:
         """The float weight the kernels compute with (in the scaled input basis)."""
         n, k = self.codes.shape
         g = k if self.group_size is None else self.group_size
+        if self.levels is not None:
+            c = torch.from_numpy(np.asarray(self.levels, np.float32))[self.codes.long() + 8].reshape(n, k // g, g)
+            return (c * self.scales[..., None]).reshape(n, k)
         c = self.codes.float().reshape(n, k // g, g)
         if self.zero_points is not None:
             c = c - self.zero_points.float()[..., None]
@@ -222,7 +228,7 @@ _columns = _C.gptq_columns
 
 def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[int], symmetric: bool = True,
          act_order: bool = False, damp: float = 0.01, block: int = 32, factor: Optional[tuple] = None,
-         scale_dtype: str = "float32") -> QuantizedWeight:
+         scale_dtype: str = "float32", levels: Optional[np.ndarray] = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each
     column's error onto the columns not yet quantized, weighted by the inverse
     Hessian H = E[x x^T] of the layer's inputs (through its Cholesky factor).
@@ -232,10 +238,15 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     H diagonal and the scales are fixed up front from the original weights
     ("static groups"), so groups stay contiguous runs of K, as the kernels need.
     ``factor``: :func:`gptq_factor` of h (with the same act_order and damp), if
-    already computed; h may then be None.
+    already computed; h may then be None. ``levels``: symmetric int4 codes on
+    this level table (lowbit.levels), the group scales fixed up front by the
+    data-free level search of the original weights (:func:`mse_levels`'s),
+    each column's codes the nearest levels.
     """
     n, k = w.shape
     g = k if group is None else group
+    if levels is not None and (bits != 4 or not symmetric):
+        raise ValueError(f"levels need symmetric 4-bit codes, got bits={bits}, symmetric={symmetric}")
     dead, perm, Hinv = factor if factor is not None else gptq_factor(h, act_order, damp)
     W = w.detach().double().clone()
     W[:, dead] = 0
@@ -243,7 +254,12 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     # int8 scale codes share one scale per row, so a row's group scales must all
     # be known before any is rounded: such layers fix them up front ("static
     # groups", as with act_order).
-    if act_order or group is None or scale_dtype == "int8":
+    if levels is not None:
+        w32 = np.ascontiguousarray(W.float().numpy())
+        s = _C.search_level_scales(w32, levels, g, 9, None)
+        static = (torch.from_numpy(np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype),
+                                                        np.float32)), None)
+    elif act_order or group is None or scale_dtype == "int8":
         static = group_params(_grouped(W.float(), group), bits, symmetric, scale_dtype=scale_dtype)
     identity = bool(torch.equal(perm, torch.arange(k)))  # no act_order: no permuted copies
     if not identity:
@@ -285,7 +301,7 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
         err_b = np.empty((b, n), np.float64)
         grp = np.ascontiguousarray(groups_of[i1:i2])
         if static is not None:
-            _columns(wt, hinv1, 0, b, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b)
+            _columns(wt, hinv1, 0, b, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b, levels)
         else:  # a group's scales come from its columns as the block's updates left them
             for c in range(0, b, g):
                 gi = (i1 + c) // g
@@ -296,12 +312,13 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
                 if zps is not None:
                     zps[:, gi] = z
                     zps_t[gi] = z.numpy()
-                _columns(wt, hinv1, c, c + g, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b)
+                _columns(wt, hinv1, c, c + g, scales_t, zps_t, grp, qmin, qmax, codes_b, err_b, None)
         codes_np[:, i1:i2] = codes_b.T
         W[:, i2:] -= torch.from_numpy(np.ascontiguousarray(err_b.T)) @ Hinv[i1:i2, i2:]
     if not identity:
         codes = codes[:, torch.argsort(perm)].contiguous()
-    return QuantizedWeight(codes, scales, zps, bits, group)
+    return QuantizedWeight(codes, scales, zps, bits, group,
+                           levels=None if levels is None else np.asarray(levels, np.int8).copy())
 
 
 def awq(w: torch.Tensor, x: torch.Tensor, act_mean: torch.Tensor, bits: int, group: Optional[int],

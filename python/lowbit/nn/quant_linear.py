@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
         held = 4 if cfg.bits == 3 else cfg.bits  # int3 tiles are packed from an int4 QArray
         mod._store(QArray(pack(q.codes.numpy().astype(np.int32), held), q.scales.numpy().astype(np.float32),
                           None if q.zero_points is None else q.zero_points.numpy().astype(np.uint8), (n, k),
-                          held, q.group_size, q.zero_points is None))
+                          held, q.group_size, q.zero_points is None), levels=getattr(q, "levels", None))
         mod._copy_bias(bias)
         if q.input_scale is not None:
             mod.input_scale = q.input_scale.float().clone()

@@ -117,7 +117,42 @@ def test_gptq_on_the_level_table(tmp_path):
     loaded = lowbit.load(path, copy.deepcopy(model))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), lv(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="needs bits=4, symmetric codes"):
+    with pytest.raises(ValueError, match="symmetric codes and method"):
         quantize(method="gptq", calibration_data=data, levels="t5", symmetric=False)
     with pytest.raises(ValueError, match="needs bits=4"):
         quantize(method="awq", calibration_data=data, levels="t5")
+
+
+def test_budgets_plan_int4_layers_on_the_level_table():
+    """A bits budget with levels="t5" plans int4 candidates on the table: the
+    planner compares the weights a level layer really holds (level_weights
+    equals the layer's dequantized weight), and its int4 layers carry the
+    table; levels="auto" keeps a budget on even codes."""
+    from lowbit.calibrate.weights import level_weights
+    from lowbit.nn import QuantLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.distributions.StudentT(5.0).sample(lin.weight.shape) * 0.05)
+    for scale_dtype in ("int8", "float16"):
+        layer = QuantLinear.from_linear(lin, lowbit.QuantConfig(4, 32, levels="t5", scale_dtype=scale_dtype),
+                                        method="mse")
+        want = layer.dequantized_weight().numpy()
+        got = level_weights(lin.weight, 32, T5, scale_dtype=scale_dtype)
+        np.testing.assert_array_equal(got, want)
+    model = torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(4)])
+    with torch.no_grad():
+        for m in model:
+            m.weight.copy_(torch.distributions.StudentT(5.0).sample(m.weight.shape) * 0.05)
+    every = lambda n, mod: True
+    planned = lowbit.quantize(copy.deepcopy(model), bits=4.6, progress=False, include=every, levels="t5")
+    int4 = [m for m in planned if m.config.bits == 4]
+    assert int4 and all(m.config.levels == "t5" for m in int4)
+    assert lowbit.summary(planned)["bits_per_weight"] <= 4.6 + 1e-6
+    even = lowbit.quantize(copy.deepcopy(model), bits=4.6, progress=False, include=every)
+    assert all(m.config.levels is None for m in even)
+    x = torch.randn(256, 128)
+    with torch.no_grad():
+        ref = model(x)
+        err = [float((q(x) - ref).pow(2).mean() / ref.pow(2).mean()) for q in (planned, even)]
+    assert err[0] < err[1], err

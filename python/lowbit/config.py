@@ -33,6 +33,11 @@ DEFAULT_SCALE_DTYPE = "int8"
 # perplexity against 1.133x evenly spaced (llama.cpp Q4_0 1.215x), GPTQ 1.029x
 # against 1.059x; all-MiniLM-L6-v2 cosine 0.9863 against 0.9799.
 DEFAULT_LEVELS = "auto"
+# A budget (bits=4.6) keeps even codes under "auto": with t5 candidates its
+# weight-space planner and priors chose worse plans at 4.6 b/w (SmolLM2 6 windows:
+# priors 1.111x against 1.097x without them; 32 windows 1.100x, above the uniform
+# default's 1.091x), though better ones at 5.6 (1.029x against 1.044x): opt in
+# with levels="t5".
 DEFAULT_TABLE = "t5"
 LEVEL_METHODS = ("auto", "mse", "gptq")
 

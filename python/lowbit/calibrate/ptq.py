@@ -47,12 +47,15 @@ class LayerPlan:
         if self.bits == 2 and self.scale_dtype != "float32":
             object.__setattr__(self, "scale_dtype", "float32")
 
-    def bits_per_weight(self, k: int) -> float:
+    def bits_per_weight(self, k: int, n: Optional[int] = None) -> float:
+        """Stored bits per weight of a layer with k inputs (and n outputs: a level
+        table's 16 bytes are counted when n is given)."""
         storage = storage_bits(self.bits)
         g = k if self.group_size is None else self.group_size
+        table = 128.0 / (n * k) if self.levels is not None and n else 0.0
         if self.scale_dtype == "int8":  # a code per group, one float32 scale per row
-            return storage + 8.0 / g + 32.0 / k
-        return storage + (16.0 if self.scale_dtype == "float16" else 32.0) / g
+            return storage + 8.0 / g + 32.0 / k + table
+        return storage + (16.0 if self.scale_dtype == "float16" else 32.0) / g + table
 
 
 def layer_group(group_size: Optional[int], k: int, bits: int) -> Optional[int]:
@@ -90,7 +93,13 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
         k = w.shape[1]
         diffs = {}
         for c in candidates:
-            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
+            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype, c.levels)
+            if plan.levels is not None:  # codes on a level table: its search's weights
+                from ..levels import level_table
+                from .weights import level_weights
+                diffs[plan] = w - torch.from_numpy(level_weights(w, plan.group_size, level_table(plan.levels),
+                                                                 scale_dtype=plan.scale_dtype))
+                continue
             diffs[plan] = w - rtn(w, plan.bits, plan.group_size, symmetric,
                                   scale_dtype=plan.scale_dtype).dequantize()
         acc[name] = {"ref": 0.0, **{p: 0.0 for p in diffs}}
@@ -129,9 +138,14 @@ def weight_sensitivities(targets: list, candidates: list, symmetric: bool, metho
         ref = float((np.square(w, dtype=np.float64) * col).sum())
         out[name] = {}
         for c in candidates:
-            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype)
+            plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype, c.levels)
             resolved = resolve_method(method, plan.bits)
-            if plan.bits == 3:  # no 3-bit QArray: the layer algorithms, as QuantLinear.from_linear
+            if plan.levels is not None:  # int4 codes on a level table, searched as QuantLinear does
+                from ..levels import level_table
+                from .weights import level_weights
+                d = level_weights(torch.from_numpy(w), plan.group_size, level_table(plan.levels),
+                                  scale_dtype=plan.scale_dtype, importance=imp) - w
+            elif plan.bits == 3:  # no 3-bit QArray: the layer algorithms, as QuantLinear.from_linear
                 from .weights import mse, rtn
                 t = torch.from_numpy(w)
                 q3 = mse(t, 3, plan.group_size, symmetric, scale_dtype=plan.scale_dtype, importance=imp) \
@@ -155,9 +169,10 @@ def mixed_plan(targets: list, sens: dict, budget_bits: float) -> dict:
     choice = {}
     used = 0.0
     for name, _ in targets:
-        plans = sorted(sens[name], key=lambda p: p.bits_per_weight(sizes[name][1]))
+        n, k = sizes[name]
+        plans = sorted(sens[name], key=lambda p: p.bits_per_weight(k, n))
         choice[name] = plans[0]
-        used += sizes[name][0] * sizes[name][1] * plans[0].bits_per_weight(sizes[name][1])
+        used += n * k * plans[0].bits_per_weight(k, n)
     if used > budget_bits * total + 1e-6:
         cheapest = used / total
         raise ValueError(f"a budget of {budget_bits} bits/weight is below the cheapest plan available "
@@ -168,7 +183,7 @@ def mixed_plan(targets: list, sens: dict, budget_bits: float) -> dict:
             n, k = sizes[name]
             cur = choice[name]
             for p, err in sens[name].items():
-                extra = n * k * (p.bits_per_weight(k) - cur.bits_per_weight(k))
+                extra = n * k * (p.bits_per_weight(k, n) - cur.bits_per_weight(k, n))
                 gain = sens[name][cur] - err
                 if extra <= 0 or gain <= 0 or used + extra > budget_bits * total + 1e-6:
                     continue

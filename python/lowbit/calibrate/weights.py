@@ -137,6 +137,30 @@ def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
     return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
 
 
+def _level_fit(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps: int, scale_dtype: str,
+               importance: Optional[np.ndarray]) -> tuple:
+    """(level indices uint8 [N, K], float32 scales [N, K / G]) of :func:`mse_levels`."""
+    w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
+    if np.isnan(w32).any():
+        raise ValueError("weights contain NaN")
+    n, k = w32.shape
+    g = k if group is None else group
+    s = _C.search_level_scales(w32, levels, g, steps, importance)
+    scale = np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype), np.float32)
+    return _C.level_codes(w32, levels, g, scale.reshape(-1)), scale
+
+
+def level_weights(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps: int = 9,
+                  scale_dtype: str = "float32", importance: Optional[np.ndarray] = None) -> np.ndarray:
+    """The float32 weights [N, K] that :func:`mse_levels`' codes and scales stand
+    for (what a budget's planner compares with the float weights)."""
+    idx, scale = _level_fit(w, group, levels, steps, scale_dtype, importance)
+    n, k = idx.shape
+    g = scale.shape[1]
+    deq = np.asarray(levels, np.float32)[idx].reshape(n, g, k // g) * scale[:, :, None]
+    return deq.reshape(n, k)
+
+
 def mse_levels(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps: int = 9,
                scale_dtype: str = "float32", importance: Optional[np.ndarray] = None) -> tuple:
     """int4 codes on a level table (lowbit.levels): the error-minimising group
@@ -148,14 +172,8 @@ def mse_levels(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps:
     levels=)`` takes as a QArray) and float32 scales [N, K / G]. Lean on memory
     (quantizing while loading holds one float layer): besides the weight, 1.5
     bytes per weight at the peak."""
-    w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
-    if np.isnan(w32).any():
-        raise ValueError("weights contain NaN")
-    n, k = w32.shape
-    g = k if group is None else group
-    s = _C.search_level_scales(w32, levels, g, steps, importance)
-    scale = np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype), np.float32)
-    idx = _C.level_codes(w32, levels, g, scale.reshape(-1))
+    idx, scale = _level_fit(w, group, levels, steps, scale_dtype, importance)
+    n, k = idx.shape
     idx ^= 8  # index u -> the low 4 bits of the two's complement code u - 8
     packed = np.zeros((n, (k + 1) // 2), np.uint8)
     packed[:, :k // 2] = idx[:, 0:k - k % 2:2]

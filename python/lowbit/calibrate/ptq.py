@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig, resolve_method, storage_bits
+from ..levels import level_table
 from .data import StopForward, calibration_autocast, exact, forward_all
 from .memory import FreedMemoryReleaser
 from .observers import make_observer
-from .weights import LayerStats, awq, gptq, gptq_factor, mse, rtn
+from .weights import LayerStats, awq, gptq, gptq_factor, level_weights, mse, rtn
 
 METHODS = ("auto", "rtn", "mse", "gptq", "awq")
 DATA_FREE = ("auto", "rtn", "mse")  # "auto": config.resolve_method per layer
@@ -95,8 +96,6 @@ def sensitivities(model: nn.Module, targets: list, data: list, candidates: list,
         for c in candidates:
             plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype, c.levels)
             if plan.levels is not None:  # codes on a level table: its search's weights
-                from ..levels import level_table
-                from .weights import level_weights
                 diffs[plan] = w - torch.from_numpy(level_weights(w, plan.group_size, level_table(plan.levels),
                                                                  scale_dtype=plan.scale_dtype))
                 continue
@@ -141,12 +140,9 @@ def weight_sensitivities(targets: list, candidates: list, symmetric: bool, metho
             plan = LayerPlan(c.bits, layer_group(c.group_size, k, c.bits), c.scale_dtype, c.levels)
             resolved = resolve_method(method, plan.bits)
             if plan.levels is not None:  # int4 codes on a level table, searched as QuantLinear does
-                from ..levels import level_table
-                from .weights import level_weights
                 d = level_weights(torch.from_numpy(w), plan.group_size, level_table(plan.levels),
                                   scale_dtype=plan.scale_dtype, importance=imp) - w
             elif plan.bits == 3:  # no 3-bit QArray: the layer algorithms, as QuantLinear.from_linear
-                from .weights import mse, rtn
                 t = torch.from_numpy(w)
                 q3 = mse(t, 3, plan.group_size, symmetric, scale_dtype=plan.scale_dtype, importance=imp) \
                     if resolved == "mse" else rtn(t, 3, plan.group_size, symmetric, scale_dtype=plan.scale_dtype)
@@ -385,7 +381,6 @@ def _quantize_layer(mod, stats, obs, plan, method, symmetric, activations, stati
         new = QuantLinear.from_linear(mod, cfg, method="mse", importance=importance)
     else:
         if method == "gptq":
-            from ..levels import level_table
             factor = stats.cached(("gptq", act_order),
                                   lambda: gptq_factor(stats.take_hessian(), act_order, overwrite=True))
             q = gptq(w, None, plan.bits, plan.group_size, symmetric, act_order=act_order, factor=factor,

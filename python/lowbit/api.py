@@ -123,8 +123,8 @@ def quantize(model: nn.Module, bits: Union[int, float, dict] = 4, group_size: Op
         samples and ranges taken from it stay float32/float64), None (the model's
         own dtype) or "auto" (default: bfloat16 for a float32 model on a CPU with
         bfloat16 dot products, AVX512_BF16, else None). GPTQ on SmolLM2 with 32 x
-        512 tokens, 2 threads of a Zen 4: 60.4 -> 43.9 s, perplexity ratio 1.060
-        -> 1.059.
+        512 tokens, 2 threads of a Zen 4: 60.4 -> 44.9-46.9 s, perplexity ratio
+        1.060 -> 1.059.
 
     >>> import torch, lowbit
     >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))

@@ -137,16 +137,23 @@ def mse(w: torch.Tensor, bits: int, group: Optional[int], symmetric: bool = True
     return QuantizedWeight(codes.reshape(w.shape), scale, zp, bits, group)
 
 
+def _level_scales(w32: np.ndarray, g: int, levels: np.ndarray, steps: int, scale_dtype: str,
+                  importance: Optional[np.ndarray]) -> np.ndarray:
+    """Float32 scales [N, K / g] of float32 w32 [N, K] on a level table: the level
+    search's, rounded as ``scale_dtype`` stores them."""
+    n, k = w32.shape
+    s = _C.search_level_scales(w32, levels, g, steps, importance)
+    return np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype), np.float32)
+
+
 def _level_fit(w: torch.Tensor, group: Optional[int], levels: np.ndarray, steps: int, scale_dtype: str,
                importance: Optional[np.ndarray]) -> tuple:
     """(level indices uint8 [N, K], float32 scales [N, K / G]) of :func:`mse_levels`."""
     w32 = np.ascontiguousarray(w.detach().float().cpu().numpy())
     if np.isnan(w32).any():
         raise ValueError("weights contain NaN")
-    n, k = w32.shape
-    g = k if group is None else group
-    s = _C.search_level_scales(w32, levels, g, steps, importance)
-    scale = np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype), np.float32)
+    g = w32.shape[1] if group is None else group
+    scale = _level_scales(w32, g, levels, steps, scale_dtype, importance)
     return _C.level_codes(w32, levels, g, scale.reshape(-1)), scale
 
 
@@ -273,10 +280,8 @@ def gptq(w: torch.Tensor, h: Optional[torch.Tensor], bits: int, group: Optional[
     # be known before any is rounded: such layers fix them up front ("static
     # groups", as with act_order).
     if levels is not None:
-        w32 = np.ascontiguousarray(W.float().numpy())
-        s = _C.search_level_scales(w32, levels, g, 9, None)
-        static = (torch.from_numpy(np.ascontiguousarray(_rounded_scales(s.reshape(n, k // g), scale_dtype),
-                                                        np.float32)), None)
+        static = (torch.from_numpy(_level_scales(np.ascontiguousarray(W.float().numpy()), g, levels, 9, scale_dtype,
+                                                 None)), None)
     elif act_order or group is None or scale_dtype == "int8":
         static = group_params(_grouped(W.float(), group), bits, symmetric, scale_dtype=scale_dtype)
     identity = bool(torch.equal(perm, torch.arange(k)))  # no act_order: no permuted copies
